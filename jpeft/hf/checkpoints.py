@@ -1,0 +1,129 @@
+"""Reading Hugging Face checkpoints from local disk: ``config.json`` and safetensors.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping each
+tensor name to ``{"dtype", "shape", "data_offsets"}``, then the raw bytes. jpeft reads it
+itself (memory-mapped, bfloat16 through ``ml_dtypes``) so that a truncated or foreign file
+gives an error naming the file and the problem rather than a failure deep inside a reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is missing, corrupt or does not fit the model."""
+
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """The ``config.json`` of a local model folder, as a dict."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; expected a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model folder: the shards named by
+    ``model.safetensors.index.json`` if there is one, else every ``*.safetensors`` file."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are not in {folder}: {absent}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (found {other}: re-save the model with safe_serialization)" if other else ""
+        raise CheckpointError(f"no *.safetensors weights in {folder}{hint}")
+    return files
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as (memory-mapped) numpy arrays."""
+    return dict(_iter_safetensors(Path(path)))
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims "
+                f"{header_len} bytes but the file has {size}"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {err}") from err
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry {info}") from err
+        if end - begin != int(np.prod(shape)) * dtype.itemsize or begin > end:
+            raise CheckpointError(f"{path}: tensor {name!r} has offsets that do not fit its shape")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} "
+                f"but the file has {size}"
+            )
+        raw = data[data_start + begin : data_start + end]
+        yield name, raw.view(dtype).reshape(shape)
+
+
+def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config dict, {HF name: array})`` of a local Hugging Face model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    config = read_config(folder)
+    tensors: dict[str, np.ndarray] = {}
+    for file in safetensors_files(folder):
+        for name, array in _iter_safetensors(file):
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard ({file})")
+            tensors[name] = array
+    return config, tensors

@@ -1,0 +1,386 @@
+"""The decoder-only language model skeleton that every jpeft model fills in.
+
+A model is a frozen dataclass holding its config; its parameters are a separate nested-dict
+tree keyed by Hugging Face module names. The layers' parameters are stacked along a leading
+``[l]`` axis under the layers' module path (``model.layers`` for Llama, ``transformer.h`` for
+GPT-2), so ``params["model"]["layers"]["self_attn"]["q_proj"]["weight"]`` is ``[l, d, n·h]``
+and stands for HF's ``model.layers.{i}.self_attn.q_proj.weight`` for every ``i``. The layers
+run under :func:`jax.lax.scan` (one compiled layer, whatever the depth) with
+:func:`jax.checkpoint` and a chosen remat policy.
+
+Linear weights are stored ``[in, out]`` (``y = x @ w``), the transpose of torch's ``Linear``;
+GPT-2's ``Conv1D`` already stores ``[in, out]``. :meth:`DecoderLM.from_hf_state_dict` and
+:meth:`DecoderLM.to_hf_state_dict` are the one place where names are stacked and unstacked
+and weights transposed.
+
+A subclass provides the embedding, the two halves of a block around attention, the final
+norm and the head, and the HF parameter shapes; the skeleton does the rest: positions from
+the padding mask, the KV cache, a per-layer key/value prefix, masks and the layer scan.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import nn
+from jpeft.hf import checkpoints
+
+_FULL_ATTENTION = np.iinfo(np.int32).max  # the window of a layer without sliding window
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    Attributes:
+      k, v: ``[l, b, s, k, h]`` per-layer keys and values for ``s`` slots.
+      valid: ``[b, s]`` True where a slot holds a real token (not padding, not yet empty).
+      length: ``[]`` int32, how many slots are filled (the same for every row).
+      next_position: ``[b]`` int32, the position id the next real token of each row gets.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    length: jax.Array
+    next_position: jax.Array
+
+
+class KVPrefix(NamedTuple):
+    """Per-layer keys and values that every query attends to (prefix tuning).
+
+    Attributes:
+      k, v: ``[l, b, p, k, h]`` for a prefix of ``p`` virtual tokens.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLM(abc.ABC):
+    """Base class of jpeft's causal language models (see the module docstring).
+
+    Attributes:
+      config: the model's frozen config dataclass (HF field names).
+      remat: the name of a :mod:`jax.checkpoint_policies` policy applied to each layer, or
+        None for no rematerialisation.
+    """
+
+    config: Any
+    remat: str | None = "nothing_saveable"
+
+    layers_path: ClassVar[tuple[str, ...]]
+    """Where the stacked layers live in the tree, e.g. ``("model", "layers")``."""
+    embed_path: ClassVar[tuple[str, ...]]
+    """The token embedding table's module path."""
+    head_path: ClassVar[tuple[str, ...]] = ("lm_head",)
+    """The output projection's module path (absent from the tree when tied)."""
+    _hf_ignored: ClassVar[tuple[str, ...]] = ()
+    """Regexes of checkpoint buffers that are not parameters (e.g. rotary inv_freq)."""
+
+    # ------------------------------------------------------------------ subclass interface
+
+    @property
+    @abc.abstractmethod
+    def num_layers(self) -> int:
+        """Number of decoder layers."""
+
+    @property
+    @abc.abstractmethod
+    def num_kv_heads(self) -> int:
+        """Number of key/value heads."""
+
+    @property
+    @abc.abstractmethod
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor applied to ``q·kᵀ`` before the softmax."""
+        return self.head_dim**-0.5
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.tie_word_embeddings)
+
+    def layer_windows(self) -> np.ndarray:
+        """``[l]`` int32 sliding-window size of each layer (int32 max for full attention)."""
+        return np.full((self.num_layers,), _FULL_ATTENTION, np.int32)
+
+    @abc.abstractmethod
+    def _embed(self, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Input embeddings ``[b, t, d]`` for ids or already-embedded ``tokens``."""
+
+    @abc.abstractmethod
+    def _qkv(self, layer: dict, h: jax.Array, positions: jax.Array):
+        """The block up to attention: ``q [b, t, n, h]``, ``k, v [b, t, k, h]``."""
+
+    @abc.abstractmethod
+    def _finish_block(self, layer: dict, h: jax.Array, attn: jax.Array) -> jax.Array:
+        """The block after attention, given the block input and ``attn [b, t, n, h]``."""
+
+    @abc.abstractmethod
+    def _final_norm(self, params: dict, h: jax.Array) -> jax.Array:
+        """The norm after the last layer."""
+
+    @abc.abstractmethod
+    def hf_shapes(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """HF-layout shapes: ``(global {name: shape}, per-layer {suffix: shape})``."""
+
+    @abc.abstractmethod
+    def _hf_transposed(self, suffix: str) -> bool:
+        """Whether the HF tensor named `suffix` is stored transposed relative to jpeft."""
+
+    # ------------------------------------------------------------------ forward
+
+    def __call__(
+        self,
+        params: dict,
+        input_ids: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
+        kv_prefix: KVPrefix | None = None,
+    ) -> jax.Array:
+        """Logits ``[b, t, v]`` for ``input_ids: [b, t]`` (or ``inputs_embeds: [b, t, d]``).
+
+        Args:
+          params: the parameter tree (adapter nodes allowed wherever a weight is).
+          attention_mask: ``[b, t]``, 1 for real tokens and 0 for (left) padding.
+          positions: ``[b, t]`` position ids; by default counted over real tokens only, so
+            a left-padded row gets the same positions as the unpadded one.
+          kv_prefix: per-layer keys and values every token attends to.
+        """
+        hidden, _ = self.hidden_states(
+            params,
+            input_ids,
+            attention_mask=attention_mask,
+            positions=positions,
+            inputs_embeds=inputs_embeds,
+            kv_prefix=kv_prefix,
+        )
+        return self.logits(params, hidden)
+
+    def logits(self, params: dict, hidden: jax.Array) -> jax.Array:
+        """The output head: ``[..., d]`` final hidden states to ``[..., v]`` logits."""
+        if self.tied:
+            return nn.attend(hidden, _get(params, self.embed_path)["weight"])
+        return nn.linear(hidden, _get(params, self.head_path)["weight"])
+
+    def hidden_states(
+        self,
+        params: dict,
+        input_ids: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
+        kv_prefix: KVPrefix | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final (normed) hidden states ``[b, t, d]`` and the updated cache.
+
+        With a `cache`, the ``t`` new tokens are written at slots ``[length, length + t)``
+        and attend to every valid slot before them; the returned cache holds them.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, steps = tokens.shape[:2]
+        new_valid = (
+            jnp.ones((batch, steps), bool)
+            if attention_mask is None
+            else jnp.asarray(attention_mask).astype(bool)
+        )
+        start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.next_position
+        if positions is None:
+            counted = jnp.cumsum(new_valid.astype(jnp.int32), axis=-1) - 1
+            positions = start[:, None] + jnp.maximum(counted, 0)
+        h = self._embed(params, tokens, positions)
+
+        if cache is None:
+            query_slots = jnp.arange(steps)
+            key_valid = new_valid
+            cache_k = cache_v = None
+        else:
+            query_slots = cache.length + jnp.arange(steps)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.length))
+            cache_k, cache_v = cache.k, cache.v
+        mask_valid = key_valid
+        if kv_prefix is not None:
+            prefix_len = kv_prefix.k.shape[2]
+            mask_valid = jnp.concatenate([jnp.ones((batch, prefix_len), bool), key_valid], 1)
+            query_slots = query_slots + prefix_len
+        scale = self.attention_scale
+
+        def body(h, xs):
+            layer, layer_k, layer_v, prefix_k, prefix_v, window = xs
+            q, k, v = self._qkv(layer, h, positions)
+            if layer_k is not None:
+                layer_k = jax.lax.dynamic_update_slice(
+                    layer_k, k.astype(layer_k.dtype), (0, cache.length, 0, 0)
+                )
+                layer_v = jax.lax.dynamic_update_slice(
+                    layer_v, v.astype(layer_v.dtype), (0, cache.length, 0, 0)
+                )
+                k, v = layer_k.astype(q.dtype), layer_v.astype(q.dtype)
+            if prefix_k is not None:
+                k = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+            mask = nn.attention_mask(query_slots, mask_valid, window)
+            attn = nn.dot_product_attention(q, k, v, mask, scale)
+            return self._finish_block(layer, h, attn), (layer_k, layer_v)
+
+        if self.remat is not None:
+            policy = getattr(jax.checkpoint_policies, self.remat)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        xs = (
+            _get(params, self.layers_path),
+            cache_k,
+            cache_v,
+            None if kv_prefix is None else kv_prefix.k,
+            None if kv_prefix is None else kv_prefix.v,
+            jnp.asarray(self.layer_windows()),
+        )
+        h, (new_k, new_v) = jax.lax.scan(body, h, xs)
+        h = self._final_norm(params, h)
+        if cache is None:
+            return h, None
+        new_cache = KVCache(
+            k=new_k,
+            v=new_v,
+            valid=key_valid,
+            length=cache.length + steps,
+            next_position=start + new_valid.sum(-1, dtype=jnp.int32),
+        )
+        return h, new_cache
+
+    def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
+        """An empty cache for `batch` rows and `max_length` slots."""
+        shape = (self.num_layers, batch, max_length, self.num_kv_heads, self.head_dim)
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_length), bool),
+            length=jnp.zeros((), jnp.int32),
+            next_position=jnp.zeros((batch,), jnp.int32),
+        )
+
+    # ------------------------------------------------------------------ HF layout
+
+    @property
+    def _hf_layers_prefix(self) -> str:
+        return ".".join(self.layers_path)
+
+    def from_hf_state_dict(
+        self, tensors: Mapping[str, np.ndarray], *, dtype: Any = jnp.float32, source: str = ""
+    ) -> dict:
+        """Builds the jpeft parameter tree from HF-named, HF-layout arrays.
+
+        Checks that every parameter is present with its expected shape; ignores buffers that
+        are not parameters and a tied output head stored twice.
+
+        Raises:
+          CheckpointError: a missing or unexpected tensor, or a shape mismatch (naming the
+            tensor, both shapes and `source`).
+        """
+        global_shapes, layer_shapes = self.hf_shapes()
+        expected = dict(global_shapes)
+        for i in range(self.num_layers):
+            for suffix, shape in layer_shapes.items():
+                expected[f"{self._hf_layers_prefix}.{i}.{suffix}"] = shape
+        present = {
+            name
+            for name in tensors
+            if not any(re.search(p, name) for p in self._hf_ignored)
+            and not (self.tied and name == ".".join(self.head_path) + ".weight")
+        }
+        where = f" in {source}" if source else ""
+        missing = sorted(set(expected) - present)
+        unexpected = sorted(present - set(expected))
+        if missing or unexpected:
+            raise checkpoints.CheckpointError(
+                f"checkpoint{where} does not fit a {self.config.model_type} model with this "
+                f"config: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            )
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise checkpoints.CheckpointError(
+                    f"tensor {name}{where} has shape {tuple(tensors[name].shape)}, "
+                    f"expected {tuple(shape)} from the config"
+                )
+
+        def convert(array: np.ndarray, transposed: bool) -> jax.Array:
+            array = np.swapaxes(array, -1, -2) if transposed else array
+            if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
+                return jnp.asarray(array, dtype=dtype)
+            return jnp.asarray(array)
+
+        params: dict = {}
+        for name in global_shapes:
+            _set(params, tuple(name.split(".")), convert(tensors[name], self._hf_transposed(name)))
+        for suffix in layer_shapes:
+            stacked = np.stack(
+                [
+                    tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"]
+                    for i in range(self.num_layers)
+                ]
+            )
+            path = self.layers_path + tuple(suffix.split("."))
+            _set(params, path, convert(stacked, self._hf_transposed(suffix)))
+        return params
+
+    def to_hf_state_dict(self, params: dict) -> dict[str, np.ndarray]:
+        """HF-named, HF-layout numpy arrays of a plain tree (the inverse of
+        :meth:`from_hf_state_dict`), ready for ``safetensors`` and transformers."""
+        global_shapes, layer_shapes = self.hf_shapes()
+        out: dict[str, np.ndarray] = {}
+
+        def plain(path: tuple[str, ...]) -> np.ndarray:
+            leaf = _get(params, path)
+            if not isinstance(leaf, (jax.Array, np.ndarray)):
+                raise TypeError(
+                    f"{'.'.join(path)} is a {type(leaf).__name__}, not an array: merge "
+                    "adapters into the base (e.g. jpeft.lora.merge) before exporting"
+                )
+            return np.asarray(leaf)
+
+        for name in global_shapes:
+            array = plain(tuple(name.split(".")))
+            out[name] = np.swapaxes(array, -1, -2) if self._hf_transposed(name) else array
+        for suffix in layer_shapes:
+            stacked = plain(self.layers_path + tuple(suffix.split(".")))
+            if self._hf_transposed(suffix):
+                stacked = np.swapaxes(stacked, -1, -2)
+            for i in range(self.num_layers):
+                out[f"{self._hf_layers_prefix}.{i}.{suffix}"] = np.ascontiguousarray(stacked[i])
+        return out
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

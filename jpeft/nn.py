@@ -1,0 +1,258 @@
+"""Pure array operations shared by jpeft's models.
+
+Every weight-consuming op (`linear`, `embed`, `attend`) dispatches on the type of its
+weight: a plain array is used as is, while a registered node (a LoRA node, an NF4 node, ...)
+supplies its own rule. This is how PEFT methods plug into the models without editing them:
+a method registers a rule for its node type with :func:`register`, and the model code stays
+the same.
+
+Shapes use one set of letters throughout:
+  b batch, t query tokens, s key slots, d hidden, n query heads, k key/value heads,
+  h head dim, v vocabulary, l layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_RULES: dict[tuple[str, type], Callable[..., jax.Array]] = {}
+_OPS = ("linear", "embed", "attend")
+
+
+def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
+    """Registers how `op` computes with a weight of `node_type`.
+
+    Args:
+      op: one of ``"linear"`` (``x @ w``), ``"embed"`` (row lookup) or ``"attend"``
+        (``x @ table.T``, a tied output head).
+      node_type: the pytree node class that stands in for a weight array.
+
+    Returns:
+      A decorator that records the rule ``fn(x, node) -> y`` and returns it unchanged.
+
+    Example::
+
+      @nn.register("linear", LoraWeight)
+      def _lora_linear(x, node): ...
+    """
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {_OPS}")
+
+    def decorator(fn):
+        _RULES[(op, node_type)] = fn
+        return fn
+
+    return decorator
+
+
+def _rule(op: str, w: Any) -> Callable | None:
+    return _RULES.get((op, type(w)))
+
+
+def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
+    """``x @ w + bias`` for ``x: [..., in]`` and a weight ``w: [in, out]`` (or a node).
+
+    The product runs in ``x``'s dtype (the compute dtype); a frozen weight stored in another
+    dtype is cast inside the jitted computation, never in the parameter tree.
+    """
+    rule = _rule("linear", w)
+    y = rule(x, w) if rule is not None else x @ w.astype(x.dtype)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def embed(ids: jax.Array, table: Any, dtype: Any = None) -> jax.Array:
+    """Rows of ``table: [v, d]`` for integer ``ids: [...]``, giving ``[..., d]``."""
+    rule = _rule("embed", table)
+    out = rule(ids, table) if rule is not None else jnp.take(table, ids, axis=0)
+    return out if dtype is None else out.astype(dtype)
+
+
+def attend(x: jax.Array, table: Any) -> jax.Array:
+    """``x @ table.T`` for ``x: [..., d]`` and ``table: [v, d]``: a tied output head."""
+    rule = _rule("attend", table)
+    return rule(x, table) if rule is not None else x @ table.astype(x.dtype).T
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Root-mean-square norm as Llama computes it: the reduction in float32,
+    ``weight * (x / sqrt(mean(x²) + eps))`` cast back to ``x``'s dtype before the scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_new(x: jax.Array) -> jax.Array:
+    """GPT-2's tanh approximation of GELU."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function called `name` in Hugging Face configs."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeParameters:
+    """Rotary embedding settings, with the field names of transformers' ``rope_parameters``.
+
+    Supported ``rope_type`` values: ``"default"``, ``"linear"`` (positions divided by
+    ``factor``) and ``"llama3"`` (frequency-dependent scaling of Llama 3.1).
+    """
+
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    _TYPES = ("default", "linear", "llama3")
+
+    def __post_init__(self):
+        if self.rope_type not in self._TYPES:
+            raise ValueError(
+                f"unsupported rope_type {self.rope_type!r}; expected one of {self._TYPES}"
+            )
+        needed = {
+            "default": (),
+            "linear": ("factor",),
+            "llama3": (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ),
+        }[self.rope_type]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"rope_type {self.rope_type!r} needs {missing} in rope_parameters")
+
+    @classmethod
+    def from_hf(cls, config: dict) -> RopeParameters:
+        """From a config.json dict: transformers 5 ``rope_parameters`` or the older
+        ``rope_theta`` + ``rope_scaling`` pair."""
+        params = config.get("rope_parameters")
+        if params is None:
+            params = dict(config.get("rope_scaling") or {})
+            params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+        params = dict(params)
+        params["rope_type"] = params.pop("type", None) or params.get("rope_type", "default")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"unsupported partial_rotary_factor {params['partial_rotary_factor']}; "
+                "expected 1.0"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        ignored = {"partial_rotary_factor", "attention_factor"}
+        unknown = set(params) - known - ignored
+        if unknown:
+            raise ValueError(
+                f"unsupported rope_parameters fields {sorted(unknown)} for rope_type "
+                f"{params['rope_type']!r}"
+            )
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def inverse_frequencies(self, head_dim: int) -> np.ndarray:
+        """``[h / 2]`` float32 inverse frequencies, computed as transformers does."""
+        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+        inv_freq = (1.0 / np.power(np.float32(self.rope_theta), exponents)).astype(np.float32)
+        if self.rope_type == "linear":
+            return (inv_freq / np.float32(self.factor)).astype(np.float32)
+        if self.rope_type == "llama3":
+            return _llama3_scaled(inv_freq, self)
+        return inv_freq
+
+
+def _llama3_scaled(inv_freq: np.ndarray, p: RopeParameters) -> np.ndarray:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, and a smooth
+    interpolation between the two bands."""
+    low_freq_wavelen = p.original_max_position_embeddings / p.low_freq_factor
+    high_freq_wavelen = p.original_max_position_embeddings / p.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / p.factor, inv_freq)
+    smooth = (p.original_max_position_embeddings / wavelen - p.low_freq_factor) / (
+        p.high_freq_factor - p.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / p.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates ``x: [b, t, heads, h]`` by ``positions: [b, t]`` (the half-split layout of
+    Hugging Face Llama: ``x·cos + rotate_half(x)·sin``), angles in float32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, h/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_mask(
+    query_slots: jax.Array, key_valid: jax.Array, window: jax.Array | int | None = None
+) -> jax.Array:
+    """Boolean ``[b, 1, t, s]`` mask: causal over slots, padding removed, optional window.
+
+    Args:
+      query_slots: ``[t]`` the slot each query token occupies in the key sequence.
+      key_valid: ``[b, s]`` True where a key slot holds a real (non-padding) token.
+      window: attend only to the last `window` slots (sliding-window attention), or None.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    allowed = key_slots[None, :] <= query_slots[:, None]  # [t, s]
+    if window is not None:
+        allowed &= query_slots[:, None] - key_slots[None, :] < window
+    return (allowed[None] & key_valid[:, None, :])[:, None]
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """Grouped-query attention ``softmax(q·kᵀ·scale + mask)·v`` via
+    :func:`jax.nn.dot_product_attention` (cuDNN flash attention where available).
+
+    Args:
+      q: ``[b, t, n, h]``; k, v: ``[b, s, k, h]`` with ``n`` a multiple of ``k``.
+      mask: boolean ``[b, 1, t, s]``.
+
+    Returns:
+      ``[b, t, n, h]``.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
