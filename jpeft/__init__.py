@@ -4,10 +4,28 @@ Methods are pure functions over parameter pytrees; models are jpeft's own JAX fo
 functions over Hugging Face-named trees, loaded from safetensors folders or GGUF files.
 """
 
-from jpeft import hf, models, nn
+from jpeft import hf, lora, models, nn, targets, train, tree
+from jpeft.wrap import wrap
 from jpeft.generate import generate
 from jpeft.hf.checkpoints import CheckpointError
+from jpeft.tree import combine, count_parameters, print_trainable_parameters, split, trainable_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "generate", "hf", "models", "nn"]
+__all__ = [
+    "CheckpointError",
+    "combine",
+    "count_parameters",
+    "generate",
+    "hf",
+    "lora",
+    "models",
+    "nn",
+    "print_trainable_parameters",
+    "split",
+    "targets",
+    "train",
+    "tree",
+    "trainable_mask",
+    "wrap",
+]

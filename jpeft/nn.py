@@ -1,7 +1,8 @@
 """Pure array operations shared by jpeft's models.
 
-Every weight-consuming op (`linear`, `embed`, `attend`) dispatches on the type of its
-weight: a plain array is used as is, while a registered node (a LoRA node, an NF4 node, ...)
+Every weight-consuming op (`linear`, `embed`, `attend`, and `value` for weights used
+elementwise such as biases and norm scales) dispatches on the type of its weight: a plain
+array is used as is, while a registered node (a LoRA node, an NF4 node, ...)
 supplies its own rule. This is how PEFT methods plug into the models without editing them:
 a method registers a rule for its node type with :func:`register`, and the model code stays
 the same.
@@ -23,19 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 
 _RULES: dict[tuple[str, type], Callable[..., jax.Array]] = {}
-_OPS = ("linear", "embed", "attend")
+_OPS = ("linear", "embed", "attend", "value")
 
 
 def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
     """Registers how `op` computes with a weight of `node_type`.
 
     Args:
-      op: one of ``"linear"`` (``x @ w``), ``"embed"`` (row lookup) or ``"attend"``
-        (``x @ table.T``, a tied output head).
+      op: one of ``"linear"`` (``x @ w``), ``"embed"`` (row lookup), ``"attend"``
+        (``x @ table.T``, a tied output head) or ``"value"`` (the dense array itself).
       node_type: the pytree node class that stands in for a weight array.
 
     Returns:
-      A decorator that records the rule ``fn(x, node) -> y`` and returns it unchanged.
+      A decorator that records the rule ``fn(x, node) -> y`` (``fn(node) -> array`` for
+      ``"value"``) and returns it unchanged.
 
     Example::
 
@@ -56,6 +58,12 @@ def _rule(op: str, w: Any) -> Callable | None:
     return _RULES.get((op, type(w)))
 
 
+def value(w: Any) -> Any:
+    """The dense array a weight stands for (a plain array is returned as is)."""
+    rule = _rule("value", w)
+    return rule(w) if rule is not None else w
+
+
 def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     """``x @ w + bias`` for ``x: [..., in]`` and a weight ``w: [in, out]`` (or a node).
 
@@ -65,7 +73,7 @@ def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     rule = _rule("linear", w)
     y = rule(x, w) if rule is not None else x @ w.astype(x.dtype)
     if bias is not None:
-        y = y + bias.astype(y.dtype)
+        y = y + value(bias).astype(y.dtype)
     return y
 
 
@@ -87,7 +95,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     ``weight * (x / sqrt(mean(x²) + eps))`` cast back to ``x``'s dtype before the scale."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
+    return value(weight).astype(x.dtype) * normed.astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
@@ -96,7 +104,8 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    scale, shift = value(weight).astype(jnp.float32), value(bias).astype(jnp.float32)
+    return (normed * scale + shift).astype(x.dtype)
 
 
 def gelu_new(x: jax.Array) -> jax.Array:

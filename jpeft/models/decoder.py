@@ -35,6 +35,10 @@ from jpeft.hf import checkpoints
 
 _FULL_ATTENTION = np.iinfo(np.int32).max  # the window of a layer without sliding window
 
+STACKED_LAYER_PATHS: set[tuple[str, ...]] = set()
+"""The tree paths under which jpeft models stack their layers (filled by subclasses); PEFT
+target selection expands the leading axis of weights there into per-layer HF names."""
+
 
 class KVCache(NamedTuple):
     """Keys and values of the tokens seen so far, for incremental decoding.
@@ -85,6 +89,11 @@ class DecoderLM(abc.ABC):
     """The output projection's module path (absent from the tree when tied)."""
     _hf_ignored: ClassVar[tuple[str, ...]] = ()
     """Regexes of checkpoint buffers that are not parameters (e.g. rotary inv_freq)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "layers_path" in cls.__dict__:
+            STACKED_LAYER_PATHS.add(cls.layers_path)
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -357,7 +366,9 @@ class DecoderLM(abc.ABC):
 
         for name in global_shapes:
             array = plain(tuple(name.split(".")))
-            out[name] = np.swapaxes(array, -1, -2) if self._hf_transposed(name) else array
+            if self._hf_transposed(name):  # contiguous: safetensors.numpy writes views wrongly
+                array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
+            out[name] = array
         for suffix in layer_shapes:
             stacked = plain(self.layers_path + tuple(suffix.split(".")))
             if self._hf_transposed(suffix):

@@ -1,0 +1,354 @@
+"""LoRA (Hu et al., 2021) as pure functions over a parameter tree.
+
+A targeted linear weight ``W: [in, out]`` becomes a :class:`LoraWeight` node holding ``W``
+(frozen) and the trainable factors ``A: [in, r]`` and ``B: [r, out]``; the layer computes
+
+    y = x @ W + s · ((dropout(x) @ A) @ B),     s = α / r   (rsLoRA: α / √r)
+
+factored, so ``W + s·A@B`` is never formed inside a training step. For a stacked weight
+``[l, in, out]`` the factors are ``[l, in, r]``/``[l, r, out]`` and ``s`` is ``[l]``, zero for
+layers that `layers_to_transform` leaves out (their factors get no gradient and are neither
+counted nor exported).
+
+Options, names and defaults are Hugging Face PEFT's ``LoraConfig``; initialisation is PEFT's:
+``A`` kaiming-uniform (``U(±1/√in)``) and ``B = 0``, so the adapted model starts equal to the
+base.
+
+Example::
+
+    params = jpeft.lora.apply(params, rank=8, alpha=16, targets=["q_proj", "v_proj"],
+                              key=jax.random.key(0))
+    trainable, frozen = jpeft.split(params)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import nn, tree
+from jpeft import targets as targeting
+
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA settings with Hugging Face PEFT's field names and defaults.
+
+    Attributes:
+      r: the rank.
+      lora_alpha: α in the scale ``α / r``.
+      target_modules: module names (suffix match), a full-match regex, ``"all-linear"``, or
+        None for the model family's defaults (``q_proj``/``v_proj``; ``c_attn`` for GPT-2).
+      exclude_modules: names or a regex never targeted.
+      lora_dropout: dropout probability on the LoRA input path (training only).
+      bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
+        layers train).
+      use_rslora: scale by ``α / √r`` (rank-stabilised LoRA).
+      init_lora_weights: True (kaiming-uniform A, zero B), ``"gaussian"`` (A normal with
+        standard deviation ``1/r``, zero B) or False (A and B both random: not an identity,
+        for tests).
+      fan_in_fan_out: kept for HF compatibility; jpeft weights are always ``[in, out]``.
+      layers_to_transform, layers_pattern: restrict targets to these layer indices.
+      rank_pattern, alpha_pattern: per-module rank/alpha overrides (``(.*\\.)?(key)$``).
+      modules_to_save: modules trained in full beside the adapter (e.g. ``["lm_head"]``).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    modules_to_save: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "layers_to_transform",
+                     "layers_pattern", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (list, set)):
+                object.__setattr__(self, name, tuple(sorted(value) if isinstance(value, set)
+                                                     else value))
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"unsupported init_lora_weights {self.init_lora_weights!r}; jpeft implements "
+                "True, False and 'gaussian'"
+            )
+        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"rank_pattern values must be positive integers, got {bad}")
+
+    def scale(self, r: int, alpha: float) -> float:
+        """``α / r``, or ``α / √r`` with rsLoRA."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+@tree.node
+class LoraWeight(tree.Node):
+    """A linear weight with a low-rank update: ``x @ w + scale · ((x @ a) @ b)``.
+
+    Attributes:
+      w: the frozen base weight ``[..., in, out]`` (an array or another node, e.g. NF4).
+      a: ``[..., in, r]`` trainable.
+      b: ``[..., r, out]`` trainable.
+      scale: ``[...]`` float32 scale per layer (0 where a stacked layer is not adapted).
+      dropout_key: PRNG keys ``[...]`` for input dropout, set only inside a training step
+        (see :func:`jpeft.tree.with_rng`).
+      dropout: the dropout probability.
+      layers: the adapted layers of a stacked weight (None: every layer, or not stacked).
+    """
+
+    w: Any
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    dropout_key: jax.Array | None = None
+    dropout: float = tree.static(0.0)
+    layers: tuple[int, ...] | None = tree.static(None)
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def parameter_count(self) -> tuple[int, int]:
+        base = tree.count_parameters(self.w)[1]
+        adapter = self.a.size + self.b.size
+        if self.layers is not None:
+            adapter = adapter * len(self.layers) // self.a.shape[0]
+        return adapter, base + adapter
+
+
+@nn.register("linear", LoraWeight)
+def _linear(x: jax.Array, node: LoraWeight) -> jax.Array:
+    y = nn.linear(x, node.w)
+    if node.dropout_key is not None and node.dropout > 0:
+        keep = jax.random.bernoulli(node.dropout_key, 1 - node.dropout, x.shape)
+        x = jnp.where(keep, x / (1 - node.dropout), 0).astype(x.dtype)
+    delta = (x @ node.a.astype(x.dtype)) @ node.b.astype(x.dtype)
+    return y + delta * node.scale.astype(x.dtype)
+
+
+@nn.register("value", LoraWeight)
+def _merged(node: LoraWeight) -> jax.Array:
+    w = nn.value(node.w)
+    delta = jnp.einsum("...ir,...ro->...io", node.a, node.b) * node.scale[..., None, None]
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def apply(
+    params: dict,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: str | Sequence[str] | None = None,
+    key: jax.Array | None = None,
+    config: LoraConfig | None = None,
+    **options: Any,
+) -> dict:
+    """Adds LoRA to the targeted linear weights of a parameter tree.
+
+    Args:
+      params: a parameter tree (jpeft model or any nested dict of ``[in, out]`` weights).
+      rank: ``r``; ignored when `config` is given.
+      alpha: ``lora_alpha``; defaults to `rank` (scale 1, as HF's defaults r=8, α=8).
+      targets: ``target_modules`` (see :class:`LoraConfig`).
+      key: PRNG key for the initialisation of ``A`` (and ``B`` when not zero).
+      config: a full :class:`LoraConfig` instead of `rank`/`alpha`/`targets`/`options`.
+      **options: any other :class:`LoraConfig` field.
+
+    Returns:
+      The same tree with :class:`LoraWeight` nodes in place of the targeted weights (and
+      :class:`jpeft.tree.Trainable` wrappers for trained biases and `modules_to_save`).
+
+    Raises:
+      ValueError: targets that match nothing (with close names), unsupported options.
+    """
+    if config is None:
+        config = LoraConfig(
+            r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets, **options
+        )
+    elif targets is not None or options:
+        raise ValueError("pass either config or rank/alpha/targets/options, not both")
+    if key is None:
+        raise ValueError("apply needs key=jax.random.key(...) to initialise the LoRA factors")
+    selected = targets_of(params, config)
+    keys = jax.random.split(key, max(len(selected), 1))
+    new = _copy_dicts(params)
+    for (module, layers), module_key in zip(selected, keys):
+        entry = _entry(new, module.path)
+        entry[module.weight_key] = _init_node(
+            entry[module.weight_key], module, layers, config, module_key
+        )
+        if config.bias == "lora_only" and "bias" in entry:
+            if module.stacked and len(layers) != len(module.names):
+                raise ValueError(
+                    f"bias='lora_only' with layers_to_transform is not supported ({module.names[0]})"
+                )
+            entry["bias"] = tree.Trainable(entry["bias"])
+    if config.bias == "all":
+        for module in targeting.modules(new):
+            entry = _entry(new, module.path)
+            if "bias" in entry and not isinstance(entry["bias"], tree.Trainable):
+                entry["bias"] = tree.Trainable(entry["bias"])
+    if config.modules_to_save:
+        _mark_modules_to_save(new, config.modules_to_save)
+    return new
+
+
+def targets_of(params: dict, config: LoraConfig) -> list[tuple[targeting.Module, tuple[int, ...]]]:
+    """The modules `config` adapts in `params`, each with its selected layer indices."""
+    return targeting.select(
+        params,
+        config.target_modules,
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        modules_to_save=config.modules_to_save,
+    )
+
+
+def _init_node(
+    weight: Any, module: targeting.Module, layers: tuple[int, ...], config: LoraConfig, key
+) -> LoraWeight:
+    if isinstance(weight, LoraWeight):
+        raise ValueError(f"{module.names[0]} already has a LoRA adapter")
+    names = [module.names[i] for i in layers]
+    ranks = {targeting.pattern_value(config.rank_pattern, n, config.r) for n in names}
+    if len(ranks) > 1:
+        raise ValueError(
+            f"rank_pattern gives the layers of {module.names[0]} different ranks "
+            f"{sorted(ranks)}; jpeft needs one rank per stacked module"
+        )
+    (r,) = ranks
+    shape = jnp.shape(nn.value(weight))
+    lead, (fan_in, fan_out) = shape[:-2], shape[-2:]
+    scale = np.zeros(lead, np.float32)
+    for i in layers:
+        alpha = targeting.pattern_value(config.alpha_pattern, module.names[i], config.lora_alpha)
+        scale[(i,) if module.stacked else ()] = config.scale(r, alpha)
+    key_a, key_b = jax.random.split(key)
+    bound_a = 1 / math.sqrt(fan_in)  # kaiming_uniform(a=√5) on A[r, in], as torch's Linear
+    if config.init_lora_weights == "gaussian":
+        a = jax.random.normal(key_a, (*lead, fan_in, r), jnp.float32) / r
+    else:
+        a = jax.random.uniform(key_a, (*lead, fan_in, r), jnp.float32, -bound_a, bound_a)
+    if config.init_lora_weights is False:
+        bound_b = 1 / math.sqrt(r)
+        b = jax.random.uniform(key_b, (*lead, r, fan_out), jnp.float32, -bound_b, bound_b)
+    else:
+        b = jnp.zeros((*lead, r, fan_out), jnp.float32)
+    all_layers = not module.stacked or len(layers) == len(module.names)
+    return LoraWeight(
+        w=weight,
+        a=a,
+        b=b,
+        scale=jnp.asarray(scale),
+        dropout=float(config.lora_dropout),
+        layers=None if all_layers else tuple(layers),
+    )
+
+
+def _mark_modules_to_save(params: dict, names: Sequence[str]) -> None:
+    found = [m for m in targeting.modules(params) if any(n.endswith(s) for n in m.names for s in names)]
+    if not found:
+        raise ValueError(
+            f"modules_to_save {list(names)} match no module of the tree (a tied output head "
+            "has no module of its own: name the embedding instead)"
+        )
+    for module in found:
+        entry = _entry(params, module.path)
+        for leaf in (module.weight_key, "bias"):
+            if leaf in entry and not isinstance(entry[leaf], tree.Node):
+                entry[leaf] = tree.Trainable(entry[leaf], copied=True)
+
+
+def merge(params: dict) -> dict:
+    """Folds every adapter into its base weight: a plain tree of arrays for serving.
+
+    ``W + s·A@B`` is computed in float32 and stored in ``W``'s dtype; trained biases and
+    `modules_to_save` weights become plain arrays.
+    """
+    return tree.materialize(params)
+
+
+def extract(params: dict) -> dict:
+    """The adapter alone: a tree holding only the adapted entries, each LoRA node without
+    its base weight (``w=None``) and each trained weight whole. Small enough to save."""
+    out: dict = {}
+    for keys, value in tree.iter_nodes(params):
+        if isinstance(value, LoraWeight):
+            value = dataclasses.replace(value, w=None, dropout_key=None)
+        elif not isinstance(value, tree.Trainable):
+            continue
+        _set_path(out, keys, value)
+    return out
+
+
+def attach(base_params: dict, adapter: dict) -> dict:
+    """Puts an adapter from :func:`extract` back onto a base tree.
+
+    Raises:
+      ValueError: an adapter entry with no counterpart in the base, or a shape mismatch
+        (naming the path and both shapes).
+    """
+    new = _copy_dicts(base_params)
+    for keys, value in tree.iter_nodes(adapter):
+        path = ".".join(map(str, keys))
+        try:
+            base = _entry(new, keys[:-1])[keys[-1]]
+        except (KeyError, TypeError):
+            raise ValueError(f"adapter entry {path} has no counterpart in the base tree") from None
+        base_shape = jnp.shape(nn.value(base))
+        if isinstance(value, LoraWeight):
+            want = (*value.a.shape[:-1], value.b.shape[-1])
+            value = dataclasses.replace(value, w=base)
+        else:
+            want = jnp.shape(nn.value(value))
+        if tuple(want) != tuple(base_shape):
+            raise ValueError(
+                f"adapter entry {path} fits a weight of shape {tuple(want)}, but the base has "
+                f"{tuple(base_shape)}"
+            )
+        _entry(new, keys[:-1])[keys[-1]] = value
+    return new
+
+
+def _copy_dicts(params: Any) -> Any:
+    """A copy of the dict structure (arrays and nodes shared)."""
+    if isinstance(params, dict):
+        return {k: _copy_dicts(v) for k, v in params.items()}
+    return params
+
+
+def _entry(params: dict, path: Sequence[str]) -> dict:
+    for key in path:
+        params = params[key]
+    return params
+
+
+def _set_path(params: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        params = params.setdefault(key, {})
+    params[path[-1]] = value

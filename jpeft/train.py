@@ -1,0 +1,166 @@
+"""The causal-LM loss and a jitted training step that differentiates the adapters only.
+
+The step takes the tree already cut in two by :func:`jpeft.split`: gradients, optimizer
+state and updates exist for the trainable half alone, and the frozen half (which may be
+bfloat16 or NF4) is an argument that is never differentiated or copied.
+
+The loss never materialises ``[tokens, vocab]`` float32 logits at once: the final hidden
+states are cut into chunks along the sequence, and each chunk's logits are computed,
+reduced to a log-likelihood and recomputed in the backward pass (:func:`jax.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft import tree
+from jpeft.models import decoder
+
+IGNORE_INDEX = -100
+"""Label value excluded from the loss (Hugging Face's convention)."""
+
+
+def causal_lm_loss(
+    model: decoder.DecoderLM,
+    params: dict,
+    batch: dict[str, jax.Array],
+    *,
+    chunk_size: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy and the number of tokens it covers.
+
+    ``loss = -Σ log p(labels[:, i+1] | tokens[:, :i+1])`` over positions whose label is not
+    :data:`IGNORE_INDEX`, as transformers shifts labels for causal LMs.
+
+    Args:
+      model, params: the model and its (combined) parameter tree.
+      batch: ``input_ids [b, t]``, optional ``attention_mask [b, t]`` (0 on padding) and
+        optional ``labels [b, t]`` (defaults to `input_ids` with padding ignored).
+      chunk_size: sequence positions per logits chunk (bounds the ``[b, chunk, v]`` float32
+        buffer).
+
+    Returns:
+      ``(loss_sum, token_count)``, both float32 scalars.
+    """
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = input_ids if mask is None else jnp.where(mask > 0, input_ids, IGNORE_INDEX)
+    hidden, _ = model.hidden_states(params, input_ids, attention_mask=mask)
+    hidden, targets = hidden[:, :-1], labels[:, 1:]
+    steps = hidden.shape[1]
+    chunk = min(chunk_size, steps)
+    pad = -steps % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    batch_size, dim = hidden.shape[0], hidden.shape[-1]
+    hidden = hidden.reshape(batch_size, -1, chunk, dim).swapaxes(0, 1)
+    targets = targets.reshape(batch_size, -1, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(h, y):
+        logits = model.logits(params, h).astype(jnp.float32)  # [b, chunk, v]
+        valid = y != IGNORE_INDEX
+        picked = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.float32)
+
+    def body(carry, xs):
+        loss, count = chunk_loss(*xs)
+        return (carry[0] + loss, carry[1] + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, count), _ = jax.lax.scan(body, (zero, zero), (hidden, targets))
+    return loss, count
+
+
+def make_train_step(
+    model: decoder.DecoderLM,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    remat: str | None | object = dataclasses.MISSING,
+    loss: Callable[..., tuple[jax.Array, jax.Array]] = causal_lm_loss,
+    donate: bool = True,
+) -> Callable:
+    """A jitted step ``(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
+    metrics)``.
+
+    Args:
+      model: the model.
+      optimizer: an optax transformation over the trainable half (``optimizer.init(trainable)``).
+      grad_accum: micro-batches per step; batch arrays are then ``[grad_accum, b, t]`` and the
+        loss is normalised by the tokens of all micro-batches together.
+      max_grad_norm: clip the global gradient norm to this (None: no clipping).
+      remat: override the model's :mod:`jax.checkpoint_policies` policy name (None: off).
+      loss: ``loss(model, params, batch) -> (loss_sum, token_count)``.
+      donate: donate the trainable and optimizer-state buffers to the step.
+
+    Returns:
+      The step. ``metrics`` holds ``loss`` (mean per token), ``grad_norm`` (before
+      clipping) and ``tokens``.
+
+    Example::
+
+      trainable, frozen = jpeft.split(params)
+      optimizer = optax.adamw(1e-4)
+      step = jpeft.train.make_train_step(model, optimizer)
+      trainable, opt_state, metrics = step(trainable, frozen, optimizer.init(trainable), batch, key)
+    """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+    if remat is not dataclasses.MISSING:
+        model = dataclasses.replace(model, remat=remat)
+
+    def summed_loss(trainable, frozen, batch, key):
+        params = tree.with_rng(tree.combine(trainable, frozen), key)
+        return loss(model, params, batch)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def step(trainable, frozen, opt_state, batch, key):
+        if grad_accum == 1:
+            (loss_sum, tokens), grads = grad_fn(trainable, frozen, batch, key)
+        else:
+            keys = jax.random.split(key, grad_accum)
+
+            def micro(carry, xs):
+                micro_batch, micro_key = xs
+                (loss_sum, tokens), grads = grad_fn(trainable, frozen, micro_batch, micro_key)
+                acc_loss, acc_tokens, acc_grads = carry
+                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+                return (acc_loss + loss_sum, acc_tokens + tokens, acc_grads), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            zero = jnp.zeros((), jnp.float32)
+            (loss_sum, tokens, grads), _ = jax.lax.scan(
+                micro, (zero, zero, zeros), (batch, keys)
+            )
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.tree.norm(grads)
+        if max_grad_norm is not None:
+            factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * factor, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens}
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 2) if donate else ())
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def evaluate_loss(model: decoder.DecoderLM, params: dict, batch: dict) -> jax.Array:
+    """Mean next-token cross-entropy of a batch (no dropout, no gradient)."""
+    loss_sum, tokens = causal_lm_loss(model, params, batch)
+    return loss_sum / jnp.maximum(tokens, 1.0)
+

@@ -1,0 +1,96 @@
+"""The contract every PEFT method passes (DESIGN.md, testing rules).
+
+A method is given as ``add(params, key) -> params with adapter nodes``; the checks run on a
+jpeft model and one batch. Method test files call :func:`check_all` (or single checks) with
+their own `add` functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+
+import jpeft
+from jpeft import train
+
+MERGE_TOLERANCE = 1e-5  # float32: W + s·A@B folded once vs the factored product
+JIT_TOLERANCE = 1e-6  # float32: the same ops, fused differently by XLA
+
+
+def batch(vocab: int, shape=(2, 12), seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, shape).astype(np.int32)
+    mask = np.ones(shape, np.int32)
+    mask[0, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask > 0, ids, -100)}
+
+
+def check_identity_at_init(model, params, add, data):
+    adapted = add(params, jax.random.key(0))
+    base = model(params, data["input_ids"], attention_mask=data["attention_mask"])
+    out = model(adapted, data["input_ids"], attention_mask=data["attention_mask"])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+def check_jit_equals_eager(model, params, data):
+    eager = model(params, data["input_ids"], attention_mask=data["attention_mask"])
+    jitted = jax.jit(lambda p, i, m: model(p, i, attention_mask=m))(
+        params, data["input_ids"], data["attention_mask"]
+    )
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=JIT_TOLERANCE)
+
+
+def check_gradients_only_on_adapters(model, params, data, trainable_names):
+    """Every trainable leaf's path ends in one of `trainable_names`; each gets a gradient."""
+    trainable, frozen = jpeft.split(params)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
+    assert paths, "nothing is trainable"
+    assert all(any(p.endswith(n) for n in trainable_names) for p in paths), paths
+
+    def loss(t):
+        total, count = train.causal_lm_loss(model, jpeft.combine(t, frozen), data)
+        return total / count
+
+    grads = jax.grad(loss)(trainable)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+    assert any(n > 0 for n in norms)
+
+
+def run_steps(model, params, data, steps: int, learning_rate: float = 1e-2):
+    """Trains `steps` steps; returns (params, losses, the step function)."""
+    trainable, frozen = jpeft.split(params)
+    frozen_before = jax.tree.map(np.array, frozen)
+    optimizer = optax.adam(learning_rate)
+    opt_state = optimizer.init(trainable)
+    step = train.make_train_step(model, optimizer, donate=False)
+    losses = []
+    for i in range(steps):
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, data, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
+        np.testing.assert_array_equal(np.asarray(after), before)  # base bitwise unchanged
+    return jpeft.combine(trainable, frozen), losses, step
+
+
+def check_merge_equals_unmerged(model, params, merge, data):
+    out = model(params, data["input_ids"], attention_mask=data["attention_mask"])
+    merged = merge(params)
+    assert not any(isinstance(x, jpeft.tree.Node) for _, x in jpeft.tree.iter_nodes(merged))
+    out_merged = model(merged, data["input_ids"], attention_mask=data["attention_mask"])
+    np.testing.assert_allclose(np.asarray(out_merged), np.asarray(out), atol=MERGE_TOLERANCE)
+
+
+def check_all(model, params, add, merge, data, trainable_names):
+    """Every contract check; returns the trained parameters."""
+    check_identity_at_init(model, params, add, data)
+    adapted = add(params, jax.random.key(0))
+    check_jit_equals_eager(model, adapted, data)
+    check_gradients_only_on_adapters(model, adapted, data, trainable_names)
+    trained, losses, step = run_steps(model, adapted, data, steps=8)
+    assert losses[-1] < losses[0], losses  # overfitting one batch
+    assert step._cache_size() == 1  # the second step compiled nothing
+    check_merge_equals_unmerged(model, trained, merge, data)
+    return trained
