@@ -23,7 +23,7 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) -m examples.demo
+	$(PY) examples/demo.py
 
 test: $(VENV)/.test
 	$(PY) -m pytest -n 2 -q

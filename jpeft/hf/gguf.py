@@ -1,0 +1,267 @@
+"""Read a llama.cpp GGUF file into a Hugging Face config dict and an HF-named float32 state dict.
+
+Layout facts this module relies on (checked against llama.cpp's ``convert_hf_to_gguf.py`` and the
+GGUF loader of transformers, ``modeling_gguf_pytorch_utils.py``, which is the reference):
+
+* ggml lists dimensions fastest-first, so a tensor's ``shape`` in the file is the reverse of the
+  numpy/torch shape: an ``nn.Linear`` weight ``[out, in]`` is stored as ``[in, out]``.
+  ``gguf.quants.dequantize`` already returns numpy order; we reshape to ``reversed(shape)`` so that
+  1-D and quantised tensors come out the same way.
+* For llama-architecture files the converter permutes the rows of ``attn_q``/``attn_k`` (weight and
+  bias) per head, from HF's rotate-half RoPE layout to ggml's interleaved one; we undo it exactly as
+  transformers does. Qwen2/Qwen3 files use ggml's NeoX RoPE and are stored unpermuted.
+* GPT-2 ``Conv1D`` weights are ``[in, out]`` in HF; the converter transposes them to ``[out, in]``
+  (it also writes ``output.weight`` as a copy of the token embedding), so we transpose them back.
+* ``output.weight`` is written only when the LM head is not the embedding matrix, hence
+  ``tie_word_embeddings`` is its absence.
+* Llama 3 RoPE scaling is not stored as metadata but as a ``rope_freqs.weight`` tensor of
+  per-frequency divisors; we turn it back into a ``"llama3"`` ``rope_parameters`` entry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+_DECODER_GLOBAL = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+}
+_DECODER_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_QWEN3_BLOCK = _DECODER_BLOCK | {
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+_GPT2_GLOBAL = {
+    "token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f", "output": "lm_head",
+}
+_GPT2_BLOCK = {
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+# architecture -> (HF class, global tensor names, per-block tensor names, HF block prefix)
+_ARCHS = {
+    "llama": ("LlamaForCausalLM", _DECODER_GLOBAL, _DECODER_BLOCK, "model.layers"),
+    "qwen2": ("Qwen2ForCausalLM", _DECODER_GLOBAL, _DECODER_BLOCK, "model.layers"),
+    "qwen3": ("Qwen3ForCausalLM", _DECODER_GLOBAL, _QWEN3_BLOCK, "model.layers"),
+    "gpt2": ("GPT2LMHeadModel", _GPT2_GLOBAL, _GPT2_BLOCK, "transformer.h"),
+}
+_GPT2_TRANSPOSED = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+_ROPE_FREQS = "rope_freqs.weight"
+_REQUIRED = object()  # `_value` default: the key must be present
+_TENSOR_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a GGUF file into a Hugging Face style config dict and HF-named state dict.
+
+    The config carries the ``config.json`` keys transformers 5 would write for the equivalent model;
+    the state dict maps HF parameter names to dequantised float32 arrays in HF layout. A tied LM
+    head (``tie_word_embeddings``) has no ``lm_head.weight`` entry. Supports the ``llama``,
+    ``qwen2``, ``qwen3`` and ``gpt2`` architectures.
+
+    Raises:
+        ValueError: if the file is missing, not GGUF, truncated, of an unsupported architecture, or
+            holds a tensor that cannot be dequantised or has no HF counterpart.
+    """
+    reader = _open(path)
+    try:
+        return _read(reader)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _read(reader: GGUFReader) -> tuple[dict, dict[str, np.ndarray]]:
+    """``read_gguf`` on an opened file."""
+    arch = _value(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(_ARCHS)}")
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = _dequantize(tensors[_ROPE_FREQS]) if _ROPE_FREQS in tensors else None
+    config = _config(reader, arch, tensors, rope_freqs)
+    state = {}
+    for name, tensor in tensors.items():
+        if name != _ROPE_FREQS:  # folded into config["rope_parameters"]
+            hf_name, kind = _hf_name(arch, name)
+            state[hf_name] = _to_hf_layout(arch, kind, _dequantize(tensor), config)
+    return config, state
+
+
+def _open(path: str | os.PathLike) -> GGUFReader:
+    """Open and parse ``path``, turning I/O and parse failures into a ``ValueError`` naming it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open GGUF file: {e}") from e
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        return GGUFReader(path)
+    except (OSError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: truncated or corrupt GGUF file: {e}") from e
+
+
+def _value(reader: GGUFReader, key: str, default=_REQUIRED):
+    """The metadata value under ``key`` as a Python scalar or string, else ``default``."""
+    field = reader.fields.get(key)
+    if field is not None:
+        return field.contents()
+    if default is _REQUIRED:
+        raise ValueError(f"GGUF metadata key {key!r} is missing")
+    return default
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """Dequantise a reader tensor to a float32 array in numpy (HF) dimension order."""
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, which gguf cannot "
+            f"dequantize; supported types: {_supported_types()}"
+        ) from e
+    return np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+def _supported_types() -> list[str]:
+    """Names of the GGML types ``gguf.quants.dequantize`` handles, probed on one zero block."""
+    supported = []
+    for qtype in GGMLQuantizationType:
+        try:
+            dequantize(np.zeros(GGML_QUANT_SIZES[qtype][1], dtype=np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        supported.append(qtype.name)
+    return supported
+
+
+def _hf_name(arch: str, name: str) -> tuple[str, str]:
+    """``(HF parameter name, GGUF tensor kind)`` for GGUF tensor ``name``, e.g. ``attn_q``."""
+    _, global_names, block_names, prefix = _ARCHS[arch]
+    match = _TENSOR_NAME.fullmatch(name)
+    block, kind, suffix = match.groups() if match else (None, None, None)
+    table = global_names if block is None else block_names
+    if kind not in table:
+        raise ValueError(f"GGUF tensor {name!r} has no Hugging Face counterpart in a {arch} model")
+    hf = table[kind] if block is None else f"{prefix}.{block}.{table[kind]}"
+    return f"{hf}.{suffix}", kind
+
+
+def _to_hf_layout(arch: str, kind: str, values: np.ndarray, config: dict) -> np.ndarray:
+    """Undo the converter's llama q/k row permutation and GPT-2 Conv1D transpose."""
+    if arch == "llama" and kind in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"]
+        shape = values.shape  # rows per head: (half, 2) interleaved in the file, (2, half) in HF
+        values = values.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2)
+        values = values.reshape(shape)
+    elif arch == "gpt2" and kind in _GPT2_TRANSPOSED and values.ndim == 2:
+        values = values.T
+    return np.ascontiguousarray(values)
+
+
+def _config(reader: GGUFReader, arch: str, tensors: dict, rope_freqs: np.ndarray | None) -> dict:
+    """The HF config dict for a file of architecture ``arch``."""
+
+    def key(name: str, default=_REQUIRED):
+        return _value(reader, f"{arch}.{name}", default)
+
+    if "token_embd.weight" not in tensors:
+        raise ValueError("the file has no token_embd.weight tensor")
+    common = {
+        "model_type": arch,
+        "architectures": [_ARCHS[arch][0]],
+        # `{arch}.vocab_size` is optional; the embedding's row count is what the model must have
+        "vocab_size": key("vocab_size", int(tensors["token_embd.weight"].shape[-1])),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": _value(reader, "tokenizer.ggml.padding_token_id", None),
+    }
+    if arch == "gpt2":
+        return common | {
+            "n_embd": key("embedding_length"),
+            "n_layer": key("block_count"),
+            "n_head": key("attention.head_count"),
+            "n_positions": key("context_length"),
+            "n_inner": key("feed_forward_length"),
+            "layer_norm_epsilon": float(key("attention.layer_norm_epsilon")),
+            "activation_function": "gelu_new",
+        }
+    heads = key("attention.head_count")
+    config = common | {
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "max_position_embeddings": key("context_length"),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_parameters": _rope_parameters(reader, arch, rope_freqs),
+    }
+    # transformers takes a llama head_dim from the rotary width; qwen files state it as key_length
+    head_dim = key("attention.key_length", None)
+    if arch == "llama":
+        head_dim = key("rope.dimension_count", head_dim)
+    if head_dim is not None:
+        config["head_dim"] = head_dim
+    # Qwen2 always has q/k/v biases; llama and qwen3 have them only when the config says so
+    if arch != "qwen2" and any(re.fullmatch(r"blk\.\d+\.attn_\w+\.bias", n) for n in tensors):
+        config["attention_bias"] = True
+    return config
+
+
+def _rope_parameters(reader: GGUFReader, arch: str, rope_freqs: np.ndarray | None) -> dict:
+    """HF ``rope_parameters`` from the ``{arch}.rope.*`` keys and the ``rope_freqs`` tensor."""
+
+    def key(name: str, default=_REQUIRED):
+        return _value(reader, f"{arch}.rope.{name}", default)
+
+    # llama.cpp's runtime default when the converter wrote no base, as for HF configs without one
+    params = {"rope_type": "default", "rope_theta": float(key("freq_base", 10000.0))}
+    scaling = key("scaling.type", "none")
+    if scaling == "none":
+        if rope_freqs is not None:
+            params |= _llama3_rope(rope_freqs, params["rope_theta"])
+        return params
+    if scaling not in ("linear", "yarn"):
+        raise ValueError(f"unsupported GGUF rope scaling type {scaling!r}")
+    params |= {"rope_type": scaling, "factor": float(key("scaling.factor"))}
+    if scaling == "yarn":
+        optional = {"original_max_position_embeddings": "scaling.original_context_length",
+                    "attention_factor": "scaling.yarn_attn_factor",
+                    "beta_fast": "scaling.yarn_beta_fast", "beta_slow": "scaling.yarn_beta_slow"}
+        params |= {hf: key(gg) for hf, gg in optional.items() if key(gg, None) is not None}
+    return params
+
+
+def _llama3_rope(divisors: np.ndarray, theta: float) -> dict:
+    """Llama 3 rope parameters from llama.cpp's ``rope_freqs`` divisors.
+
+    The converter computes them from ``factor``, ``low_freq_factor``, ``high_freq_factor`` and an
+    ``original_max_position_embeddings`` it fixes at 8192, and the file keeps none of these (only
+    their ratios are recoverable). ``factor`` is the largest divisor; the rest are Meta's values
+    (1, 4, 8192), checked by recomputing the tensor from them.
+    """
+    factor, low, high, original = float(divisors.max()), 1.0, 4.0, 8192
+    dim = 2 * divisors.size
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2) / dim)
+    smooth = (original / wavelen - low) / (high - low)
+    expected = np.where(wavelen < original / high, 1.0, 1 / ((1 - smooth) / factor + smooth))
+    expected = np.where(wavelen > original / low, factor, expected)
+    if not np.allclose(divisors, expected, rtol=1e-4):
+        raise ValueError(
+            f"{_ROPE_FREQS} does not match llama3 rope scaling with factor {factor}, "
+            f"low_freq_factor {low}, high_freq_factor {high} and "
+            f"original_max_position_embeddings {original}"
+        )
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original}
