@@ -93,17 +93,25 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {err}") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     data = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
     for name, info in header.items():
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(info["shape"])
+            shape = tuple(int(n) for n in info["shape"])
             begin, end = info["data_offsets"]
+            if any(n < 0 for n in shape):
+                raise ValueError(f"negative dimension in {shape}")
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry {info}") from err
-        if end - begin != int(np.prod(shape)) * dtype.itemsize or begin > end:
+        if (
+            not all(isinstance(x, int) for x in (begin, end))
+            or end - begin != int(np.prod(shape)) * dtype.itemsize
+            or not 0 <= begin <= end
+        ):
             raise CheckpointError(f"{path}: tensor {name!r} has offsets that do not fit its shape")
         if data_start + end > size:
             raise CheckpointError(

@@ -39,7 +39,7 @@ class GPT2Config:
     scale_attn_weights: bool = True
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
@@ -66,9 +66,13 @@ class GPT2Config:
             scale_attn_weights=config.get("scale_attn_weights", True),
             tie_word_embeddings=config.get("tie_word_embeddings", True),
             bos_token_id=config.get("bos_token_id"),
-            eos_token_id=config.get("eos_token_id"),
+            eos_token_id=_hashable(config.get("eos_token_id")),
             pad_token_id=config.get("pad_token_id"),
         )
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclasses.dataclass(frozen=True)
