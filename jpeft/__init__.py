@@ -4,7 +4,8 @@ Methods are pure functions over parameter pytrees; models are jpeft's own JAX fo
 functions over Hugging Face-named trees, loaded from safetensors folders or GGUF files.
 """
 
-from jpeft import hf, lora, models, nn, targets, train, tree
+from jpeft import checkpoint, hf, lora, models, nn, targets, train, tree
+from jpeft.checkpoint import load_adapter, save_adapter
 from jpeft.wrap import wrap
 from jpeft.generate import generate
 from jpeft.hf.checkpoints import CheckpointError
@@ -14,14 +15,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "checkpoint",
     "combine",
     "count_parameters",
     "generate",
     "hf",
+    "load_adapter",
     "lora",
     "models",
     "nn",
     "print_trainable_parameters",
+    "save_adapter",
     "split",
     "targets",
     "train",
