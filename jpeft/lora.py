@@ -116,6 +116,7 @@ class LoraWeight(tree.Node):
         (see :func:`jpeft.tree.with_rng`).
       dropout: the dropout probability.
       layers: the adapted layers of a stacked weight (None: every layer, or not stacked).
+      rslora: whether `scale` is ``α / √r`` (recorded so that α can be recovered on export).
     """
 
     w: Any
@@ -125,12 +126,17 @@ class LoraWeight(tree.Node):
     dropout_key: jax.Array | None = None
     dropout: float = tree.static(0.0)
     layers: tuple[int, ...] | None = tree.static(None)
+    rslora: bool = tree.static(False)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    def alphas(self) -> np.ndarray:
+        """``[...]`` α of each layer, recovered from `scale`."""
+        return np.asarray(self.scale) * (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def parameter_count(self) -> tuple[int, int]:
         base = tree.count_parameters(self.w)[1]
@@ -267,6 +273,7 @@ def _init_node(
         scale=jnp.asarray(scale),
         dropout=float(config.lora_dropout),
         layers=None if all_layers else tuple(layers),
+        rslora=config.use_rslora,
     )
 
 

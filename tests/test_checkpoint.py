@@ -80,6 +80,7 @@ def test_round_trip_is_exact(build, tmp_path, kind, options):
     assert q["static"] == {
         "dropout": options.get("lora_dropout", 0.0),
         "layers": options.get("layers_to_transform"),
+        "rslora": False,
     }
     trained = {path: e["static"] for path, e in entries.items() if e["type"] == "trainable"}
     if "modules_to_save" in options:

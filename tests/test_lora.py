@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import jax
@@ -127,8 +128,7 @@ def test_forward_matches_peft_with_the_same_factors(tiny, use_rslora, tmp_path):
             hf_name = f"base_model.model.{prefix}.{'layers' if kind != 'gpt2' else 'h'}.{i}.{rest}"
             a[i] = state[f"{hf_name}.lora_A.default.weight"].numpy().T
             b[i] = state[f"{hf_name}.lora_B.default.weight"].numpy().T
-        return node.__class__(w=node.w, a=jnp.asarray(a), b=jnp.asarray(b), scale=node.scale,
-                              dropout=node.dropout, layers=node.layers)
+        return dataclasses.replace(node, a=jnp.asarray(a), b=jnp.asarray(b))
 
     ours = jax.tree_util.tree_map_with_path(
         lambda p, x: copy(jpeft.tree.path_keys(p), x) if isinstance(x, lora.LoraWeight) else x,

@@ -1,0 +1,377 @@
+"""Hugging Face PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The format (peft 0.21, ``get_peft_model_state_dict``):
+
+- keys are ``base_model.model.<HF module name>.lora_A.weight`` ``[r, in]`` and
+  ``...lora_B.weight`` ``[out, r]`` (jpeft's ``a [in, r]`` and ``b [r, out]`` transposed, for
+  Linear and GPT-2 Conv1D alike); trained biases are ``<module>.base_layer.bias`` on adapted
+  modules and ``<module>.bias`` elsewhere; ``modules_to_save`` weights are
+  ``<module>.weight``;
+- tensors are float32 with safetensors metadata ``{"format": "pt"}``;
+- the config is peft's ``LoraConfig.to_dict()``, sorted, with ``inference_mode: true``.
+
+On export, jpeft writes the smallest config that reproduces its nodes exactly: the most
+common rank and α as ``r``/``lora_alpha``, the rest as ``rank_pattern``/``alpha_pattern``,
+and target names made unambiguous (``attn.c_proj`` rather than ``c_proj`` when only one of
+GPT-2's two ``c_proj`` layers is adapted).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from jpeft import lora, tree
+from jpeft import targets as targeting
+from jpeft.hf.checkpoints import CheckpointError, read_safetensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose LoraConfig fields are written
+
+# peft LoraConfig fields that change the model in ways jpeft does not implement, with the
+# value that means "off".
+_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "megatron_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+# init_lora_weights values whose saved adapter is relative to a modified base model.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def export_peft(
+    params: dict,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    adapter_name: str = "default",
+    task_type: str | None = "CAUSAL_LM",
+) -> Path:
+    """Writes the LoRA adapter of `params` as a Hugging Face PEFT adapter folder.
+
+    Args:
+      params: a tree with :class:`jpeft.lora.LoraWeight` nodes (and optional trained biases
+        or ``modules_to_save`` weights).
+      out_dir: the folder to write; a non-default `adapter_name` goes in a sub-folder, as
+        ``PeftModel.save_pretrained`` does.
+      base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
+      task_type: peft's ``task_type``.
+
+    Returns:
+      The folder holding the two files.
+
+    Raises:
+      ValueError: the tree holds no LoRA adapter.
+    """
+    adapted, trained = _adapter_entries(params)
+    if not adapted:
+        raise ValueError("params hold no LoRA adapter to export (apply jpeft.lora first)")
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dropouts, rslora, layer_sets = set(), set(), set()
+    for module, node in adapted:
+        layers = node.layers if node.layers is not None else range(len(module.names))
+        a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
+        node_alphas = np.asarray(node.alphas(), np.float64).reshape(-1)
+        for i in layers:
+            name = module.names[i]
+            index = (i,) if module.stacked else ()
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[index].T)
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[index].T)
+            ranks[name] = node.rank
+            alphas[name] = float(node_alphas[i if module.stacked else 0])
+        dropouts.add(node.dropout)
+        rslora.add(node.rslora)
+        layer_sets.add(None if node.layers is None else tuple(node.layers))
+    if len(dropouts) > 1 or len(rslora) > 1:
+        raise ValueError("adapters with different lora_dropout or use_rslora cannot share one "
+                         "adapter_config.json")
+    adapted_names = {m.names[0].split(".")[-1] for m, _ in adapted}
+    lora_modules = {".".join(map(str, m.path)) for m, _ in adapted}
+    modules_to_save, bias_modes = [], set()
+    for module, leaf, node in trained:
+        key, value = ".".join(map(str, module.path)), node.w
+        for name in module.names:
+            if leaf == "bias" and not node.copied:
+                layer_name = f"{name}.base_layer.bias" if key in lora_modules else f"{name}.bias"
+                tensors[_PREFIX + layer_name] = _layer(value, module, name)
+                bias_modes.add("lora_only" if key in lora_modules else "all")
+            else:
+                tensors[f"{_PREFIX}{name}.{leaf}"] = _layer(value, module, name)
+        if node.copied and module.short_name not in modules_to_save:
+            modules_to_save.append(module.short_name)
+    all_modules = targeting.modules(params)
+    target_modules, layers_to_transform = _targets(adapted, all_modules, layer_sets)
+    r, rank_pattern = _most_common_with_exceptions(ranks, adapted, all_modules)
+    alpha, alpha_pattern = _most_common_with_exceptions(alphas, adapted, all_modules)
+    config = _peft_defaults()
+    config.update(
+        r=r,
+        lora_alpha=_number(alpha),
+        rank_pattern=rank_pattern,
+        alpha_pattern={k: _number(v) for k, v in alpha_pattern.items()},
+        target_modules=target_modules,
+        layers_to_transform=layers_to_transform,
+        lora_dropout=dropouts.pop(),
+        use_rslora=rslora.pop(),
+        bias="all" if "all" in bias_modes else ("lora_only" if bias_modes else "none"),
+        modules_to_save=modules_to_save or None,
+        fan_in_fan_out=any(n in ("c_attn", "c_proj", "c_fc") for n in adapted_names),
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+        inference_mode=True,
+    )
+    folder = Path(out_dir) if adapter_name == "default" else Path(out_dir) / adapter_name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    safetensors.numpy.save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
+    """Reads a Hugging Face PEFT LoRA adapter folder onto a base parameter tree.
+
+    Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+    ``target_modules`` (list or regex), ``exclude_modules``, ``layers_to_transform``,
+    ``layers_pattern``, ``bias``, ``modules_to_save`` and ``lora_dropout``.
+
+    Args:
+      base_params: the base model's tree (from :func:`jpeft.models.from_pretrained`).
+      adapter_dir: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Returns:
+      `base_params` with the adapter's LoRA nodes and trained weights.
+
+    Raises:
+      CheckpointError: a missing or malformed file, a PEFT type or option jpeft does not
+        implement, keys that match no module of the base, missing keys or a shape mismatch;
+        each message names the file.
+    """
+    folder = Path(adapter_dir)
+    config = read_config(folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+    tensors = dict(read_safetensors(weights_path))
+    lora_config = _lora_config(config, folder / CONFIG_FILE)
+    try:
+        # The key only initialises factors that the file then overwrites.
+        params = lora.apply(base_params, config=lora_config, key=jax.random.key(0))
+    except ValueError as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE} does not fit the base model: {err}") from err
+    used: set[str] = set()
+    modules = {tuple(m.path): m for m in targeting.modules(params)}
+
+    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"{weights_path} lacks {name} that its config implies")
+        value = tensors[name]
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{weights_path}: {name} has shape {tuple(value.shape)}, the base model needs "
+                f"{tuple(shape)}"
+            )
+        used.add(name)
+        return np.asarray(value, np.float32)
+
+    def fill(keys: tuple, value: Any) -> Any:
+        module = modules.get(tuple(keys[:-1]))
+        if isinstance(value, lora.LoraWeight):
+            a, b = np.array(value.a), np.array(value.b)
+            layers = value.layers if value.layers is not None else range(len(module.names))
+            for i in layers:
+                index = (i,) if module.stacked else ()
+                name = module.names[i]
+                a[index] = take(f"{_PREFIX}{name}.lora_A.weight", a[index].T.shape).T
+                b[index] = take(f"{_PREFIX}{name}.lora_B.weight", b[index].T.shape).T
+            return _replace(value, a=a, b=b)
+        if isinstance(value, tree.Trainable):
+            stacked = np.array(value.w)
+            for i, name in enumerate(module.names):
+                index = (i,) if module.stacked else ()
+                leaf = keys[-1]
+                candidates = [f"{_PREFIX}{name}.{leaf}", f"{_PREFIX}{name}.base_layer.{leaf}"]
+                found = [c for c in candidates if c in tensors]
+                if not found:
+                    raise CheckpointError(f"{weights_path} lacks {candidates[0]}")
+                stacked[index] = take(found[0], stacked[index].shape)
+            return _replace(value, w=stacked.astype(np.asarray(value.w).dtype))
+        return value
+
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: fill(tree.path_keys(p), x), params, is_leaf=lambda x: isinstance(x, tree.Node)
+    )
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise CheckpointError(
+            f"{weights_path} has keys that match no adapted module of the base: "
+            f"{unused[:5]}{' ...' if len(unused) > 5 else ''}"
+        )
+    return params
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """The parsed ``adapter_config.json`` of a PEFT adapter folder."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_FILE}; expected a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise CheckpointError(f"{path} has no peft_type; it is not a PEFT adapter config")
+    return config
+
+
+def _lora_config(config: dict, path: Path) -> lora.LoraConfig:
+    if config["peft_type"] != "LORA":
+        raise CheckpointError(
+            f"{path}: peft_type {config['peft_type']!r} is not implemented by jpeft's importer "
+            "(it reads LORA adapters)"
+        )
+    for field, off in _UNSUPPORTED.items():
+        if config.get(field, off) not in (off, {}, [], None) and config.get(field) != off:
+            raise CheckpointError(f"{path}: {field}={config[field]!r} is not supported by jpeft")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{path}: init_lora_weights={init!r} saves an adapter relative to a modified base "
+            "model; convert it to plain LoRA with peft first"
+        )
+    target = config.get("target_modules")
+    try:
+        return lora.LoraConfig(
+            r=int(config.get("r", 8)),
+            lora_alpha=config.get("lora_alpha", 8),
+            target_modules=sorted(target) if isinstance(target, list) else target,
+            exclude_modules=config.get("exclude_modules"),
+            lora_dropout=float(config.get("lora_dropout") or 0.0),
+            bias=config.get("bias", "none"),
+            use_rslora=bool(config.get("use_rslora", False)),
+            layers_to_transform=config.get("layers_to_transform"),
+            layers_pattern=config.get("layers_pattern"),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            modules_to_save=config.get("modules_to_save"),
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def _adapter_entries(params: dict):
+    """``([(module, LoraWeight)], [(module, leaf name, Trainable)])`` of a tree."""
+    by_path = {tuple(m.path): m for m in targeting.modules(params)}
+    adapted, trained = [], []
+    for keys, value in tree.iter_nodes(params):
+        module = by_path.get(tuple(keys[:-1]))
+        if isinstance(value, lora.LoraWeight):
+            adapted.append((module, value))
+        elif isinstance(value, tree.Trainable):
+            trained.append((module, keys[-1], value))
+    return adapted, trained
+
+
+def _layer(value: Any, module: targeting.Module, name: str) -> np.ndarray:
+    array = np.asarray(value, np.float32)
+    if module.stacked:
+        array = array[module.names.index(name)]
+    return np.ascontiguousarray(array)
+
+
+def _targets(adapted, all_modules, layer_sets):
+    """``(target_modules, layers_to_transform)`` that select exactly the adapted layers."""
+    chosen = {(tuple(m.path), i) for m, node in adapted
+              for i in (node.layers if node.layers is not None else range(len(m.names)))}
+    names = sorted({_unambiguous_suffix(m, all_modules, adapted) for m, _ in adapted})
+    (layers,) = layer_sets if len(layer_sets) == 1 else (("varies",),)
+    if layers != ("varies",):
+        layers_list = None if layers is None else list(layers)
+        selected = {(tuple(m.path), i) for m in all_modules for i, n in enumerate(m.names)
+                    if targeting.name_matches(n, names, layers_to_transform=layers_list)}
+        if selected == chosen:
+            return names, layers_list
+    exact = sorted(n for m, node in adapted for i, n in enumerate(m.names)
+                   if node.layers is None or i in node.layers)
+    return "(" + "|".join(re.escape(n) for n in exact) + ")", None
+
+
+def _unambiguous_suffix(module, all_modules, adapted) -> str:
+    """The shortest dotted suffix of the module's name that matches no other module kind."""
+    adapted_paths = {tuple(m.path) for m, _ in adapted}
+    parts = module.names[0].split(".")
+    for size in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-size:])
+        clash = any(tuple(m.path) not in adapted_paths and any(
+            n == suffix or n.endswith("." + suffix) for n in m.names) for m in all_modules)
+        if not clash:
+            return suffix
+    return module.names[0]
+
+
+def _most_common_with_exceptions(values: dict[str, Any], adapted, all_modules):
+    """The most common value, and a pattern dict for the names that differ from it."""
+    common = collections.Counter(values.values()).most_common(1)[0][0]
+    pattern = {}
+    for module, _ in adapted:
+        differing = [n for n in module.names if n in values and values[n] != common]
+        if not differing:
+            continue
+        kinds = {values[n] for n in module.names if n in values}
+        if len(kinds) == 1 and all(n in values for n in module.names):
+            pattern[re.escape(_unambiguous_suffix(module, all_modules, adapted))] = kinds.pop()
+        else:
+            pattern.update({re.escape(n): values[n] for n in differing})
+    return common, pattern
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _peft_defaults() -> dict[str, Any]:
+    """Every field peft 0.21.2's ``LoraConfig.to_dict()`` writes, at its default."""
+    return {
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
+        "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
+        "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
+        "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
+        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0, "lora_ga_config": None,
+        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+        "monteclora_config": None, "peft_type": "LORA", "peft_version": _PEFT_FORMAT_VERSION,
+        "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": None,
+        "target_modules": None, "target_parameters": None, "task_type": None,
+        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+        "use_qalora": False, "use_rslora": False, "velora_config": None,
+    }
+
+
+
+def _replace(node: Any, **arrays: np.ndarray) -> Any:
+    return dataclasses.replace(node, **{k: jnp.asarray(v) for k, v in arrays.items()})
