@@ -235,7 +235,10 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 
 
 def attention_mask(
-    query_slots: jax.Array, key_valid: jax.Array, window: jax.Array | int | None = None
+    query_slots: jax.Array,
+    key_valid: jax.Array,
+    window: jax.Array | int | None = None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean ``[b, 1, t, s]`` mask: causal over slots, padding removed, optional window.
 
@@ -243,12 +246,17 @@ def attention_mask(
       query_slots: ``[t]`` the slot each query token occupies in the key sequence.
       key_valid: ``[b, s]`` True where a key slot holds a real (non-padding) token.
       window: attend only to the last `window` slots (sliding-window attention), or None.
+      segments: ``[b, s]`` example ids of packed sequences (queries and keys share slots):
+        tokens attend only within their own example.
     """
     key_slots = jnp.arange(key_valid.shape[1])
     allowed = key_slots[None, :] <= query_slots[:, None]  # [t, s]
     if window is not None:
         allowed &= query_slots[:, None] - key_slots[None, :] < window
-    return (allowed[None] & key_valid[:, None, :])[:, None]
+    mask = allowed[None] & key_valid[:, None, :]
+    if segments is not None:
+        mask &= segments[:, :, None] == segments[:, None, :]
+    return mask[:, None]
 
 
 def dot_product_attention(

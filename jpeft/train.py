@@ -40,8 +40,9 @@ def causal_lm_loss(
 
     Args:
       model, params: the model and its (combined) parameter tree.
-      batch: ``input_ids [b, t]``, optional ``attention_mask [b, t]`` (0 on padding) and
-        optional ``labels [b, t]`` (defaults to `input_ids` with padding ignored).
+      batch: ``input_ids [b, t]``, optional ``attention_mask [b, t]`` (0 on padding),
+        optional ``labels [b, t]`` (defaults to `input_ids` with padding ignored) and
+        optional ``segment_ids [b, t]`` for packed examples (see :mod:`jpeft.data`).
       chunk_size: sequence positions per logits chunk (bounds the ``[b, chunk, v]`` float32
         buffer).
 
@@ -53,7 +54,9 @@ def causal_lm_loss(
     labels = batch.get("labels")
     if labels is None:
         labels = input_ids if mask is None else jnp.where(mask > 0, input_ids, IGNORE_INDEX)
-    hidden, _ = model.hidden_states(params, input_ids, attention_mask=mask)
+    hidden, _ = model.hidden_states(
+        params, input_ids, attention_mask=mask, segment_ids=batch.get("segment_ids")
+    )
     hidden, targets = hidden[:, :-1], labels[:, 1:]
     steps = hidden.shape[1]
     chunk = min(chunk_size, steps)

@@ -160,6 +160,7 @@ class DecoderLM(abc.ABC):
         positions: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
         kv_prefix: KVPrefix | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits ``[b, t, v]`` for ``input_ids: [b, t]`` (or ``inputs_embeds: [b, t, d]``).
 
@@ -169,6 +170,8 @@ class DecoderLM(abc.ABC):
           positions: ``[b, t]`` position ids; by default counted over real tokens only, so
             a left-padded row gets the same positions as the unpadded one.
           kv_prefix: per-layer keys and values every token attends to.
+          segment_ids: ``[b, t]`` example ids for padding-free packing: each token attends
+            only within its example, and positions restart at each example.
         """
         hidden, _ = self.hidden_states(
             params,
@@ -177,6 +180,7 @@ class DecoderLM(abc.ABC):
             positions=positions,
             inputs_embeds=inputs_embeds,
             kv_prefix=kv_prefix,
+            segment_ids=segment_ids,
         )
         return self.logits(params, hidden)
 
@@ -196,6 +200,7 @@ class DecoderLM(abc.ABC):
         inputs_embeds: jax.Array | None = None,
         kv_prefix: KVPrefix | None = None,
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states ``[b, t, d]`` and the updated cache.
 
@@ -204,6 +209,8 @@ class DecoderLM(abc.ABC):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if segment_ids is not None and (cache is not None or kv_prefix is not None):
+            raise ValueError("segment_ids (packing) cannot be combined with a cache or prefix")
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, steps = tokens.shape[:2]
         new_valid = (
@@ -212,7 +219,9 @@ class DecoderLM(abc.ABC):
             else jnp.asarray(attention_mask).astype(bool)
         )
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.next_position
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = _positions_within_segments(segment_ids)
+        elif positions is None:
             counted = jnp.cumsum(new_valid.astype(jnp.int32), axis=-1) - 1
             positions = start[:, None] + jnp.maximum(counted, 0)
         h = self._embed(params, tokens, positions)
@@ -246,7 +255,7 @@ class DecoderLM(abc.ABC):
             if prefix_k is not None:
                 k = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
                 v = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
-            mask = nn.attention_mask(query_slots, mask_valid, window)
+            mask = nn.attention_mask(query_slots, mask_valid, window, segment_ids)
             attn = nn.dot_product_attention(q, k, v, mask, scale)
             return self._finish_block(layer, h, attn), (layer_k, layer_v)
 
@@ -376,6 +385,15 @@ class DecoderLM(abc.ABC):
             for i in range(self.num_layers):
                 out[f"{self._hf_layers_prefix}.{i}.{suffix}"] = np.ascontiguousarray(stacked[i])
         return out
+
+
+def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
+    """``[b, t]`` index of each token within its run of equal segment ids."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> Any:
