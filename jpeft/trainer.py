@@ -1,0 +1,267 @@
+"""The training loop behind ``jpeft train`` and the demo: schedule, eval, metrics, plots,
+checkpoints, resume and Ctrl-C.
+
+:func:`fit` drives :func:`jpeft.train.make_train_step` over :func:`jpeft.data.batches`. Every
+`log_every` steps it appends a line to ``metrics.jsonl`` in the output folder; every
+`eval_every` steps it measures the held-out loss; every `save_every` steps (and on Ctrl-C) it
+saves a resumable train state under ``checkpoints/``; at the end it saves the adapter alone
+(``adapter/``) and draws ``loss.png``. A run started again with ``resume=True`` continues
+from the newest train state with the same data order, giving the same result as a run that
+was never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jpeft import checkpoint, data, train, tree
+from jpeft.models import decoder
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last saved train state is left intact."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings of :func:`fit` (all have CLI flags)."""
+
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int = 1
+    bucket: int = 64
+    pack: bool = False
+    eval_every: int = 50
+    save_every: int = 100
+    log_every: int = 1
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    _SCHEDULES = ("cosine", "linear", "constant")
+
+    def __post_init__(self):
+        if self.schedule not in self._SCHEDULES:
+            raise ValueError(f"schedule must be one of {self._SCHEDULES}, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "bucket", "eval_every",
+                     "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    def optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """AdamW with linear warm-up into the chosen decay."""
+        warmup = min(self.warmup_steps, max(total_steps - 1, 0))
+        decay_steps = max(total_steps - warmup, 1)
+        after = {
+            "cosine": optax.cosine_decay_schedule(self.learning_rate, decay_steps),
+            "linear": optax.linear_schedule(self.learning_rate, 0.0, decay_steps),
+            "constant": optax.constant_schedule(self.learning_rate),
+        }[self.schedule]
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, self.learning_rate, warmup), after], [warmup]
+        ) if warmup else after
+        return optax.adamw(schedule, weight_decay=self.weight_decay)
+
+
+def fit(
+    model: decoder.DecoderLM,
+    params: dict,
+    train_examples: Sequence[data.Example],
+    out_dir: str | Path,
+    *,
+    config: TrainConfig = TrainConfig(),
+    eval_examples: Sequence[data.Example] = (),
+    pad_id: int = 0,
+    resume: bool = False,
+    adapter_config: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Trains the adapter of `params` and returns the trained tree.
+
+    Args:
+      model: the model.
+      params: the tree with adapter nodes (e.g. from :func:`jpeft.lora.apply`).
+      train_examples, eval_examples: from :func:`jpeft.data.tokenize`.
+      out_dir: where metrics, checkpoints, the adapter and the loss plot go.
+      config: the :class:`TrainConfig`.
+      pad_id: the tokenizer's padding id.
+      resume: continue from the newest train state in ``out_dir/checkpoints``.
+      adapter_config: saved beside the adapter (e.g. the LoRA config as a dict).
+      progress: show a progress bar.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN or infinite (the last checkpoint is intact).
+      KeyboardInterrupt: after saving a resumable train state.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = max(len(train_examples) // rows_per_step, 1) if not config.pack else None
+    total = config.max_steps or (steps_per_epoch or 0) * config.epochs
+    if not total:
+        raise ValueError("set max_steps when packing (the number of packed rows is not known "
+                         "in advance)")
+    optimizer = config.optimizer(total)
+    trainable, frozen = tree.split(params)
+    opt_state = optimizer.init(trainable)
+    step_fn = train.make_train_step(
+        model, optimizer, grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm
+    )
+    rng = jax.random.key(config.seed)
+    step, metrics_path = 0, out / "metrics.jsonl"
+    state_dir = out / "checkpoints"
+    if resume and checkpoint.latest_step(state_dir) is not None:
+        restored = checkpoint.restore_train_state(
+            state_dir, params=trainable, opt_state_like=opt_state
+        )
+        trainable, opt_state, step, _, rng = restored
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    stream = data.batches(
+        train_examples,
+        config.batch_size,
+        pad_id=pad_id,
+        bucket=config.bucket,
+        pack=config.pack,
+        shuffle_seed=config.seed,
+        epochs=None,
+        start=step * config.grad_accum,
+    )
+    eval_batches = _eval_batches(eval_examples, config, pad_id)
+    bar = _progress(total, step, progress)
+    last_saved = step
+
+    def save(at: int) -> None:
+        checkpoint.save_train_state(
+            state_dir, at, params=trainable, opt_state=opt_state,
+            data_position=at * config.grad_accum, rng=rng, keep=config.keep_checkpoints,
+        )
+
+    try:
+        while step < total:
+            batch = _next_batch(stream, config.grad_accum)
+            rng, step_key = jax.random.split(rng)
+            started = time.perf_counter()
+            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch, step_key)
+            loss = float(metrics["loss"])
+            step += 1
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; the train state saved at step "
+                    f"{last_saved} in {state_dir} is intact (try a lower learning rate)"
+                )
+            record = {
+                "step": step,
+                "loss": loss,
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens": int(metrics["tokens"]),
+                "tokens_per_s": float(metrics["tokens"]) / (time.perf_counter() - started),
+            }
+            if eval_batches and (step % config.eval_every == 0 or step == total):
+                record["eval_loss"] = _eval_loss(model, tree.combine(trainable, frozen),
+                                                 eval_batches)
+            if step % config.log_every == 0 or "eval_loss" in record:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % config.save_every == 0 and step < total:
+                save(step)
+                last_saved = step
+    except KeyboardInterrupt:
+        save(step)
+        bar.write(f"interrupted: train state saved at step {step} in {state_dir}; "
+                  "run again with resume to continue")
+        raise
+    finally:
+        bar.close()
+    save(step)
+    params = tree.combine(trainable, frozen)
+    checkpoint.save_adapter(params, out / "adapter", config=adapter_config)
+    plot_losses(metrics_path, out / "loss.png")
+    return params
+
+
+def _next_batch(stream, grad_accum: int) -> dict[str, np.ndarray]:
+    if grad_accum == 1:
+        return next(stream)
+    micro = [next(stream) for _ in range(grad_accum)]
+    width = max(b["input_ids"].shape[1] for b in micro)
+    padded = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
+                         constant_values=train.IGNORE_INDEX if k == "labels" else 0)
+               for k, v in b.items()} for b in micro]
+    return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
+
+
+def _eval_batches(examples, config: TrainConfig, pad_id: int) -> list[dict]:
+    if not examples:
+        return []
+    size = min(config.batch_size, len(examples))
+    return list(data.batches(examples, size, pad_id=pad_id, bucket=config.bucket,
+                             shuffle_seed=None, epochs=1))
+
+
+def _eval_loss(model, params, batches) -> float:
+    total = count = 0.0
+    for batch in batches:
+        loss_sum, tokens = _eval_sums(model, params, batch)
+        total, count = total + float(loss_sum), count + float(tokens)
+    return total / max(count, 1.0)
+
+
+_eval_sums = jax.jit(train.causal_lm_loss, static_argnums=0)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops metric lines past `step` (written after the state a resume starts from)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step")
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Draws train (and eval) loss against step from a ``metrics.jsonl`` file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
