@@ -6,10 +6,10 @@ functions over Hugging Face-named trees, loaded from safetensors folders or GGUF
 
 from jpeft import checkpoint, hf, lora, models, nn, targets, train, tree
 from jpeft.checkpoint import load_adapter, save_adapter
-from jpeft.wrap import wrap
 from jpeft.generate import generate
 from jpeft.hf.checkpoints import CheckpointError
 from jpeft.tree import combine, count_parameters, print_trainable_parameters, split, trainable_mask
+from jpeft.wrap import wrap
 
 __version__ = "0.1.0"
 

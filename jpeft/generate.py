@@ -73,7 +73,9 @@ def generate(
     texts = []
     for row in np.asarray(tokens):
         ends = [i for i, token in enumerate(row) if token in eos]
-        texts.append(tokenizer.decode(row[: ends[0] if ends else len(row)], skip_special_tokens=True))
+        texts.append(
+            tokenizer.decode(row[: ends[0] if ends else len(row)], skip_special_tokens=True)
+        )
     return texts
 
 
@@ -143,8 +145,17 @@ def generate_tokens(
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_ids", "greedy"))
 def _decode(
-    model, params, input_ids, attention_mask, key, temperature, top_p, *,
-    max_new_tokens, eos_token_ids, greedy,
+    model,
+    params,
+    input_ids,
+    attention_mask,
+    key,
+    temperature,
+    top_p,
+    *,
+    max_new_tokens,
+    eos_token_ids,
+    greedy,
 ):
     batch, prompt_len = input_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens, _compute_dtype(model, params))

@@ -197,7 +197,9 @@ def select(
     selected = []
     for module in found:
         hits = tuple(
-            i for i, name in enumerate(module.names) if name_matches(name, target_modules, **options)
+            i
+            for i, name in enumerate(module.names)
+            if name_matches(name, target_modules, **options)
         )
         if not hits:
             continue

@@ -84,6 +84,73 @@ def causal_lm_loss(
     return loss, count
 
 
+def train_step_fn(
+    model: decoder.DecoderLM,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    remat: str | None | object = dataclasses.MISSING,
+    loss: Callable[..., tuple[jax.Array, jax.Array]] = causal_lm_loss,
+    axis_name: str | None = None,
+) -> Callable:
+    """The un-jitted step of :func:`make_train_step`, for wrapping in :func:`jax.jit` with
+    shardings or in :func:`jax.pmap` (see :mod:`jpeft.parallel`).
+
+    Args:
+      model, optimizer, grad_accum, max_grad_norm, remat, loss: as in
+        :func:`make_train_step`.
+      axis_name: a mapped axis (of :func:`jax.pmap` or :func:`jax.shard_map`) over which
+        the loss sums, token counts and gradients are summed (:func:`jax.lax.psum`) before
+        the division by the token count, so that each device computes the update of the
+        whole global batch. None: no collective.
+
+    Returns:
+      ``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)``.
+    """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+    if remat is not dataclasses.MISSING:
+        model = dataclasses.replace(model, remat=remat)
+
+    def summed_loss(trainable, frozen, batch, key):
+        params = tree.with_rng(tree.combine(trainable, frozen), key)
+        return loss(model, params, batch)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def step(trainable, frozen, opt_state, batch, key):
+        if grad_accum == 1:
+            (loss_sum, tokens), grads = grad_fn(trainable, frozen, batch, key)
+        else:
+            keys = jax.random.split(key, grad_accum)
+
+            def micro(carry, xs):
+                micro_batch, micro_key = xs
+                (loss_sum, tokens), grads = grad_fn(trainable, frozen, micro_batch, micro_key)
+                acc_loss, acc_tokens, acc_grads = carry
+                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+                return (acc_loss + loss_sum, acc_tokens + tokens, acc_grads), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            zero = jnp.zeros((), jnp.float32)
+            (loss_sum, tokens, grads), _ = jax.lax.scan(micro, (zero, zero, zeros), (batch, keys))
+        if axis_name is not None:
+            loss_sum, tokens, grads = jax.lax.psum((loss_sum, tokens, grads), axis_name)
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.tree.norm(grads)
+        if max_grad_norm is not None:
+            factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * factor, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens}
+        return trainable, opt_state, metrics
+
+    return step
+
+
 def make_train_step(
     model: decoder.DecoderLM,
     optimizer: optax.GradientTransformation,
@@ -118,46 +185,14 @@ def make_train_step(
       step = jpeft.train.make_train_step(model, optimizer)
       trainable, opt_state, metrics = step(trainable, frozen, optimizer.init(trainable), batch, key)
     """
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
-    if remat is not dataclasses.MISSING:
-        model = dataclasses.replace(model, remat=remat)
-
-    def summed_loss(trainable, frozen, batch, key):
-        params = tree.with_rng(tree.combine(trainable, frozen), key)
-        return loss(model, params, batch)
-
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-
-    def step(trainable, frozen, opt_state, batch, key):
-        if grad_accum == 1:
-            (loss_sum, tokens), grads = grad_fn(trainable, frozen, batch, key)
-        else:
-            keys = jax.random.split(key, grad_accum)
-
-            def micro(carry, xs):
-                micro_batch, micro_key = xs
-                (loss_sum, tokens), grads = grad_fn(trainable, frozen, micro_batch, micro_key)
-                acc_loss, acc_tokens, acc_grads = carry
-                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-                return (acc_loss + loss_sum, acc_tokens + tokens, acc_grads), None
-
-            zeros = jax.tree.map(jnp.zeros_like, trainable)
-            zero = jnp.zeros((), jnp.float32)
-            (loss_sum, tokens, grads), _ = jax.lax.scan(
-                micro, (zero, zero, zeros), (batch, keys)
-            )
-        denom = jnp.maximum(tokens, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.tree.norm(grads)
-        if max_grad_norm is not None:
-            factor = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
-            grads = jax.tree.map(lambda g: g * factor, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens}
-        return trainable, opt_state, metrics
-
+    step = train_step_fn(
+        model,
+        optimizer,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        remat=remat,
+        loss=loss,
+    )
     return jax.jit(step, donate_argnums=(0, 2) if donate else ())
 
 
@@ -166,4 +201,3 @@ def evaluate_loss(model: decoder.DecoderLM, params: dict, batch: dict) -> jax.Ar
     """Mean next-token cross-entropy of a batch (no dropout, no gradient)."""
     loss_sum, tokens = causal_lm_loss(model, params, batch)
     return loss_sum / jnp.maximum(tokens, 1.0)
-

@@ -108,8 +108,10 @@ def export_peft(
         rslora.add(node.rslora)
         layer_sets.add(None if node.layers is None else tuple(node.layers))
     if len(dropouts) > 1 or len(rslora) > 1:
-        raise ValueError("adapters with different lora_dropout or use_rslora cannot share one "
-                         "adapter_config.json")
+        raise ValueError(
+            "adapters with different lora_dropout or use_rslora cannot share one "
+            "adapter_config.json"
+        )
     adapted_names = {m.names[0].split(".")[-1] for m, _ in adapted}
     lora_modules = {".".join(map(str, m.path)) for m, _ in adapted}
     modules_to_save, bias_modes = [], set()
@@ -305,18 +307,29 @@ def _layer(value: Any, module: targeting.Module, name: str) -> np.ndarray:
 
 def _targets(adapted, all_modules, layer_sets):
     """``(target_modules, layers_to_transform)`` that select exactly the adapted layers."""
-    chosen = {(tuple(m.path), i) for m, node in adapted
-              for i in (node.layers if node.layers is not None else range(len(m.names)))}
+    chosen = {
+        (tuple(m.path), i)
+        for m, node in adapted
+        for i in (node.layers if node.layers is not None else range(len(m.names)))
+    }
     names = sorted({_unambiguous_suffix(m, all_modules, adapted) for m, _ in adapted})
     (layers,) = layer_sets if len(layer_sets) == 1 else (("varies",),)
     if layers != ("varies",):
         layers_list = None if layers is None else list(layers)
-        selected = {(tuple(m.path), i) for m in all_modules for i, n in enumerate(m.names)
-                    if targeting.name_matches(n, names, layers_to_transform=layers_list)}
+        selected = {
+            (tuple(m.path), i)
+            for m in all_modules
+            for i, n in enumerate(m.names)
+            if targeting.name_matches(n, names, layers_to_transform=layers_list)
+        }
         if selected == chosen:
             return names, layers_list
-    exact = sorted(n for m, node in adapted for i, n in enumerate(m.names)
-                   if node.layers is None or i in node.layers)
+    exact = sorted(
+        n
+        for m, node in adapted
+        for i, n in enumerate(m.names)
+        if node.layers is None or i in node.layers
+    )
     return "(" + "|".join(re.escape(n) for n in exact) + ")", None
 
 
@@ -326,8 +339,11 @@ def _unambiguous_suffix(module, all_modules, adapted) -> str:
     parts = module.names[0].split(".")
     for size in range(1, len(parts) + 1):
         suffix = ".".join(parts[-size:])
-        clash = any(tuple(m.path) not in adapted_paths and any(
-            n == suffix or n.endswith("." + suffix) for n in m.names) for m in all_modules)
+        clash = any(
+            tuple(m.path) not in adapted_paths
+            and any(n == suffix or n.endswith("." + suffix) for n in m.names)
+            for m in all_modules
+        )
         if not clash:
             return suffix
     return module.names[0]
@@ -356,21 +372,48 @@ def _number(x: float) -> float | int:
 def _peft_defaults() -> dict[str, Any]:
     """Every field peft 0.21.2's ``LoraConfig.to_dict()`` writes, at its default."""
     return {
-        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
-        "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
-        "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
-        "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
-        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
-        "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0, "lora_ga_config": None,
-        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
-        "monteclora_config": None, "peft_type": "LORA", "peft_version": _PEFT_FORMAT_VERSION,
-        "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": None,
-        "target_modules": None, "target_parameters": None, "task_type": None,
-        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
-        "use_qalora": False, "use_rslora": False, "velora_config": None,
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": 8,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "peft_version": _PEFT_FORMAT_VERSION,
+        "qalora_group_size": 16,
+        "r": 8,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": None,
+        "target_parameters": None,
+        "task_type": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": False,
+        "velora_config": None,
     }
-
 
 
 def _replace(node: Any, **arrays: np.ndarray) -> Any:

@@ -81,9 +81,7 @@ def from_pretrained(
     elif path.is_dir():
         config, tensors = checkpoints.read_folder(path)
     else:
-        raise checkpoints.CheckpointError(
-            f"{path} is neither a model folder nor a .gguf file"
-        )
+        raise checkpoints.CheckpointError(f"{path} is neither a model folder nor a .gguf file")
     model = from_config(config, **model_options)
     params = model.from_hf_state_dict(tensors, dtype=dtype, source=str(path))
     return model, params

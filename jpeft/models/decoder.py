@@ -240,6 +240,11 @@ class DecoderLM(abc.ABC):
             mask_valid = jnp.concatenate([jnp.ones((batch, prefix_len), bool), key_valid], 1)
             query_slots = query_slots + prefix_len
         scale = self.attention_scale
+        # Without a cache, query i sees no key slot past i (+ the prefix): the attention
+        # may skip those blocks (a cache's length is traced, so no promise there).
+        causal_offset = None if cache is not None else (
+            0 if kv_prefix is None else kv_prefix.k.shape[2]
+        )
 
         def body(h, xs):
             layer, layer_k, layer_v, prefix_k, prefix_v, window = xs
@@ -256,7 +261,7 @@ class DecoderLM(abc.ABC):
                 k = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
                 v = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
             mask = nn.attention_mask(query_slots, mask_valid, window, segment_ids)
-            attn = nn.dot_product_attention(q, k, v, mask, scale)
+            attn = nn.dot_product_attention(q, k, v, mask, scale, causal_offset=causal_offset)
             return self._finish_block(layer, h, attn), (layer_k, layer_v)
 
         if self.remat is not None:
@@ -349,10 +354,7 @@ class DecoderLM(abc.ABC):
             _set(params, tuple(name.split(".")), convert(tensors[name], self._hf_transposed(name)))
         for suffix in layer_shapes:
             stacked = np.stack(
-                [
-                    tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"]
-                    for i in range(self.num_layers)
-                ]
+                [tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"] for i in range(self.num_layers)]
             )
             path = self.layers_path + tuple(suffix.split("."))
             _set(params, path, convert(stacked, self._hf_transposed(suffix)))

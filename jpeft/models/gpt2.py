@@ -50,8 +50,11 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, config: dict) -> GPT2Config:
         """From a transformers ``config.json`` dict; rejects options jpeft does not implement."""
-        for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
-                       "add_cross_attention"):
+        for option in (
+            "scale_attn_by_inverse_layer_idx",
+            "reorder_and_upcast_attn",
+            "add_cross_attention",
+        ):
             if config.get(option):
                 raise ValueError(f"unsupported GPT-2 option {option}=True; expected False")
         return cls(

@@ -241,4 +241,3 @@ class Llama(decoder.DecoderLM):
         return suffix == "lm_head.weight" or (
             suffix.endswith("_proj.weight") and suffix[: -len(".weight")] in _LINEARS
         )
-
