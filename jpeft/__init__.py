@@ -4,7 +4,21 @@ Methods are pure functions over parameter pytrees; models are jpeft's own JAX fo
 functions over Hugging Face-named trees, loaded from safetensors folders or GGUF files.
 """
 
-from jpeft import checkpoint, hf, lora, models, nn, targets, train, tree
+from jpeft import (
+    checkpoint,
+    data,
+    hf,
+    lora,
+    models,
+    nn,
+    parallel,
+    qlora,
+    quant,
+    targets,
+    train,
+    trainer,
+    tree,
+)
 from jpeft.checkpoint import load_adapter, save_adapter
 from jpeft.generate import generate
 from jpeft.hf.checkpoints import CheckpointError
@@ -18,18 +32,23 @@ __all__ = [
     "checkpoint",
     "combine",
     "count_parameters",
+    "data",
     "generate",
     "hf",
     "load_adapter",
     "lora",
     "models",
     "nn",
+    "parallel",
     "print_trainable_parameters",
+    "qlora",
+    "quant",
     "save_adapter",
     "split",
     "targets",
     "train",
     "tree",
     "trainable_mask",
+    "trainer",
     "wrap",
 ]

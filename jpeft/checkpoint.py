@@ -103,7 +103,7 @@ def save_adapter(params: Any, directory: str | os.PathLike, *, config: dict | No
 
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _local_checkpointer() as checkpointer:
         checkpointer.save(directory / arrays_name, _nest(arrays))
         checkpointer.wait_until_finished()
     # The temporary JSON file shares the arrays prefix, so a crash leaves nothing that the
@@ -204,7 +204,7 @@ def load_adapter(base_params: Any, directory: str | os.PathLike) -> Any:
     }
     if not arrays_dir.is_dir():
         raise CheckpointError(f"{arrays_dir}, named by {METADATA_FILE}, does not exist")
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _local_checkpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(arrays_dir).item_metadata
         except Exception as err:  # Orbax raises many kinds on a damaged folder.
@@ -521,3 +521,13 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer that involves this process alone, so that one process of a
+    multi-process run (usually process 0, with host arrays from ``parallel.to_host``) can
+    save or read an adapter without waiting for the others."""
+    this_process = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+    )
+    return ocp.StandardCheckpointer(multiprocessing_options=this_process)

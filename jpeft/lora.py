@@ -262,7 +262,7 @@ def _init_node(
             f"{sorted(ranks)}; jpeft needs one rank per stacked module"
         )
     (r,) = ranks
-    shape = jnp.shape(nn.value(weight))
+    shape = nn.shape(weight)
     lead, (fan_in, fan_out) = shape[:-2], shape[-2:]
     scale = np.zeros(lead, np.float32)
     for i in layers:
@@ -343,12 +343,12 @@ def attach(base_params: dict, adapter: dict) -> dict:
             base = _entry(new, keys[:-1])[keys[-1]]
         except (KeyError, TypeError):
             raise ValueError(f"adapter entry {path} has no counterpart in the base tree") from None
-        base_shape = jnp.shape(nn.value(base))
+        base_shape = nn.shape(base)
         if isinstance(value, LoraWeight):
             want = (*value.a.shape[:-1], value.b.shape[-1])
             value = dataclasses.replace(value, w=base)
         else:
-            want = jnp.shape(nn.value(value))
+            want = nn.shape(value)
         if tuple(want) != tuple(base_shape):
             raise ValueError(
                 f"adapter entry {path} fits a weight of shape {tuple(want)}, but the base has "

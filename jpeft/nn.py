@@ -64,6 +64,11 @@ def value(w: Any) -> Any:
     return rule(w) if rule is not None else w
 
 
+def shape(w: Any) -> tuple[int, ...]:
+    """The shape of the dense array a weight stands for, without computing it."""
+    return jax.eval_shape(value, w).shape
+
+
 def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     """``x @ w + bias`` for ``x: [..., in]`` and a weight ``w: [in, out]`` (or a node).
 

@@ -26,8 +26,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
-
 from jpeft import nn
 from jpeft.models import decoder
 
@@ -62,7 +60,7 @@ class Module:
 
     @property
     def is_linear(self) -> bool:
-        ndim = len(jnp.shape(nn.value(self.weight))) - self.stacked
+        ndim = len(nn.shape(self.weight)) - self.stacked
         return ndim == 2 and self.short_name not in _EMBEDDINGS
 
 
@@ -89,7 +87,7 @@ def _module(path: tuple, weight_key: str, weight: Any) -> Module:
     name = ".".join(map(str, path))
     for stack in decoder.STACKED_LAYER_PATHS:
         if path[: len(stack)] == stack and len(path) > len(stack):
-            layers = jnp.shape(nn.value(weight))[0]
+            layers = nn.shape(weight)[0]
             rest = ".".join(map(str, path[len(stack) :]))
             prefix = ".".join(stack)
             names = tuple(f"{prefix}.{i}.{rest}" for i in range(layers))
@@ -206,7 +204,7 @@ def select(
         if not module.is_linear:
             raise ValueError(
                 f"target {module.names[0]} is not a linear layer (weight shape "
-                f"{jnp.shape(nn.value(module.weight))}); jpeft's LoRA adapts linear layers"
+                f"{nn.shape(module.weight)}); jpeft's LoRA adapts linear layers"
             )
         selected.append((module, hits))
     if not selected:

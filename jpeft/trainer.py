@@ -15,12 +15,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -108,7 +112,9 @@ def fit(
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite (the last checkpoint is intact).
-      KeyboardInterrupt: after saving a resumable train state.
+      KeyboardInterrupt: after saving a resumable train state. Ctrl-C is held until the
+        step under way has finished, so the state saved is that of whole steps; a second
+        Ctrl-C stops at once.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +126,7 @@ def fit(
                          "in advance)")
     optimizer = config.optimizer(total)
     trainable, frozen = tree.split(params)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates these; `params` stays usable
     opt_state = optimizer.init(trainable)
     step_fn = train.make_train_step(
         model, optimizer, grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm
@@ -133,8 +140,11 @@ def fit(
         )
         trainable, opt_state, step, _, rng = restored
         _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        last_saved = step  # the step of the newest train state saved (None: none)
+    else:  # a fresh run; an earlier run's train states here would make its saves fail
+        last_saved = None
+        metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
     stream = data.batches(
         train_examples,
@@ -148,7 +158,6 @@ def fit(
     )
     eval_batches = _eval_batches(eval_examples, config, pad_id)
     bar = _progress(total, step, progress)
-    last_saved = step
 
     def save(at: int) -> None:
         checkpoint.save_train_state(
@@ -156,19 +165,24 @@ def fit(
             data_position=at * config.grad_accum, rng=rng, keep=config.keep_checkpoints,
         )
 
+    interrupt = _DeferredInterrupt()
     try:
         while step < total:
             batch = _next_batch(stream, config.grad_accum)
-            rng, step_key = jax.random.split(rng)
+            next_rng, step_key = jax.random.split(rng)
             started = time.perf_counter()
-            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch, step_key)
+            new_trainable, new_opt_state, metrics = step_fn(
+                trainable, frozen, opt_state, batch, step_key
+            )
             loss = float(metrics["loss"])
-            step += 1
             if not math.isfinite(loss):
+                kept = ("no train state was saved" if last_saved is None else
+                        f"the train state saved at step {last_saved} in {state_dir} is intact")
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; the train state saved at step "
-                    f"{last_saved} in {state_dir} is intact (try a lower learning rate)"
+                    f"loss is {loss} at step {step + 1}; {kept} (try a lower learning rate)"
                 )
+            # The step is committed whole, so that an interrupt saves a consistent state.
+            trainable, opt_state, rng, step = new_trainable, new_opt_state, next_rng, step + 1
             record = {
                 "step": step,
                 "loss": loss,
@@ -187,18 +201,51 @@ def fit(
             if step % config.save_every == 0 and step < total:
                 save(step)
                 last_saved = step
+            if interrupt.pressed:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        save(step)
+        try:
+            if step != last_saved:
+                save(step)
+        except Exception as err:  # e.g. buffers donated to a step cut short by a 2nd Ctrl-C
+            bar.write(f"interrupted: the train state at step {step} could not be saved "
+                      f"({err}); the newest saved one is at step {last_saved}")
+            raise KeyboardInterrupt from None
         bar.write(f"interrupted: train state saved at step {step} in {state_dir}; "
                   "run again with resume to continue")
         raise
     finally:
+        interrupt.restore()
         bar.close()
-    save(step)
+    if step != last_saved:  # a resumed run that had already finished is saved already
+        save(step)
     params = tree.combine(trainable, frozen)
     checkpoint.save_adapter(params, out / "adapter", config=adapter_config)
     plot_losses(metrics_path, out / "loss.png")
     return params
+
+
+class _DeferredInterrupt:
+    """Holds a Ctrl-C (SIGINT) until the training loop checks `pressed` between steps; a
+    second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread, and only where
+    SIGINT has Python's default handler (elsewhere Ctrl-C is left as it was)."""
+
+    def __init__(self):
+        self.pressed = False
+        self._installed = (threading.current_thread() is threading.main_thread()
+                           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self._installed:
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
 
 
 def _next_batch(stream, grad_accum: int) -> dict[str, np.ndarray]:

@@ -46,7 +46,8 @@ def _peft_logits(peft_model, data):
 ])
 def test_export_loads_in_peft_with_equal_logits_and_merge(kind, options, tmp_path):
     model, _, trained = _trained(kind, tmp_path / "base", **options)
-    out = jpeft.hf.export_peft(trained, tmp_path / "adapter", base_model_name_or_path="tiny")
+    out = jpeft.hf.export_peft(trained, tmp_path / "adapter",
+                             base_model_name_or_path=str(tmp_path / "base"))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["inference_mode"] is True
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
