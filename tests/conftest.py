@@ -26,3 +26,25 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_file() -> Path:
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def private_compilation_cache(tmp_path_factory):
+    """A persistent XLA compilation cache private to one test module, so that its runs with
+    the same settings compile the same train step once; the settings are restored after."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

@@ -48,26 +48,7 @@ CHAT_TEMPLATE = (
 BAD_ROW = 3  # a chat without an assistant turn
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs with the same settings compile the same train step: a persistent compilation
-    cache, private to this module, compiles it once (each test session still compiles it)."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    previous = {name: getattr(jax.config, name) for name in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("private_compilation_cache")
 
 
 def _rows() -> list[dict]:
