@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jpeft import lora, tree
 from jpeft.hf import checkpoints
@@ -298,6 +297,7 @@ def save_train_state(
         "rng_data": np.asarray(jax.random.key_data(rng) if typed else rng).tolist(),
     }
     directory = Path(directory).absolute()
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     with ocp.CheckpointManager(directory, options=options) as manager:
         saved = manager.save(
@@ -319,6 +319,7 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     directory = Path(directory).absolute()
     if not directory.is_dir():
         return None
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(create=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
         return manager.latest_step()
@@ -359,6 +360,7 @@ def restore_train_state(
     trainable, frozen = tree.split(params)
     like = {**_flat(trainable, "params"), **_flat(opt_state_like, "opt_state")}
     expected = {k: (tuple(jnp.shape(x)), jnp.dtype(jnp.result_type(x))) for k, x in like.items()}
+    ocp = _orbax()
     handlers = {"arrays": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(create=False)
     with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
@@ -523,11 +525,20 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _local_checkpointer() -> ocp.StandardCheckpointer:
+def _local_checkpointer() -> Any:
     """An Orbax checkpointer that involves this process alone, so that one process of a
     multi-process run (usually process 0, with host arrays from ``parallel.to_host``) can
     save or read an adapter without waiting for the others."""
+    ocp = _orbax()
     this_process = ocp.options.MultiprocessingOptions(
         primary_host=jax.process_index(), active_processes={jax.process_index()}
     )
     return ocp.StandardCheckpointer(multiprocessing_options=this_process)
+
+
+def _orbax() -> Any:
+    """``orbax.checkpoint``, imported on first use: it adds about 30 MB to the resident memory
+    of every process, and only checkpointing needs it."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint

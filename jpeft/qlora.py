@@ -13,8 +13,8 @@ transformers + bitsandbytes (:func:`from_pretrained_4bit`, :func:`save_pretraine
 
 Example::
 
-    model, params = jpeft.models.from_pretrained(path, dtype=jnp.bfloat16)
-    params = jpeft.qlora.quantize(params)                 # every linear but the head
+    model, params = jpeft.qlora.from_pretrained(path)     # quantised while it loads
+    # or: params = jpeft.qlora.quantize(params) on a tree already loaded
     params = jpeft.lora.apply(params, rank=16, targets="all-linear", key=jax.random.key(0))
     ...                                                   # train as with LoRA
     merged = jpeft.qlora.merge(params)                    # dense, compute dtype
@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -106,6 +107,61 @@ def quantize(
             compute_dtype=compute_dtype,
         )
     return new
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    targets: str | Sequence[str] | None = None,
+    dtype: Any = jnp.float32,
+    block_size: int = 64,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    compute_dtype: Any = jnp.bfloat16,
+    **model_options: Any,
+) -> tuple[decoder.DecoderLM, dict]:
+    """Loads a float checkpoint (folder or GGUF, as :func:`jpeft.models.from_pretrained`)
+    and quantises it while loading: each weight is quantised as soon as it is read, so the
+    host holds the quantised model plus one float weight, never the whole float model (as
+    transformers does with a ``BitsAndBytesConfig``).
+
+    The result equals ``quantize(jpeft.models.from_pretrained(path, dtype=dtype)[1], ...)``.
+
+    Args:
+      path: the model folder or ``.gguf`` file.
+      targets, block_size, double_quant, quant_type, compute_dtype: as :func:`quantize`.
+      dtype: dtype of the weights before quantisation and of those left unquantised.
+      **model_options: model fields such as ``remat``.
+
+    Raises:
+      ValueError: targets that match nothing, or as :func:`quantize`.
+      CheckpointError: as :func:`jpeft.models.from_pretrained`.
+    """
+    wanted = targeting.ALL_LINEAR if targets is None else targets
+    quantize_chosen = functools.partial(
+        quantize,
+        targets=targets,
+        block_size=block_size,
+        double_quant=double_quant,
+        quant_type=quant_type,
+        compute_dtype=compute_dtype,
+    )
+    quantised: list[tuple[str, ...]] = []
+
+    def quantize_if_targeted(leaf_path: tuple[str, ...], leaf: jax.Array) -> Any:
+        single: dict = {}
+        _set(single, leaf_path, leaf)
+        if not targeting.select(single, wanted, required=False):
+            return leaf
+        quantised.append(leaf_path)
+        return _get(quantize_chosen(single), leaf_path)
+
+    model, params = models.from_pretrained(
+        path, dtype=dtype, transform=quantize_if_targeted, **model_options
+    )
+    if not quantised:
+        targeting.select(params, wanted)  # raises, naming the modules of the tree
+    return model, params
 
 
 def merge(params: dict, *, requantize: bool = False, dtype: Any = None) -> dict:

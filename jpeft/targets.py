@@ -170,6 +170,8 @@ def pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
 def select(
     params: dict,
     target_modules: str | Sequence[str] | None,
+    *,
+    required: bool = True,
     **options: Any,
 ) -> list[tuple[Module, tuple[int, ...]]]:
     """The modules to adapt and, for each, the indices of its selected layers (``(0,)`` for
@@ -178,6 +180,7 @@ def select(
     Args:
       params: the parameter tree.
       target_modules: names, a regex, ``"all-linear"`` or None (the model's defaults).
+      required: raise when nothing matches (False: return an empty list).
       **options: `exclude_modules`, `layers_to_transform`, `layers_pattern`,
         `modules_to_save` (see :func:`name_matches`).
 
@@ -207,7 +210,7 @@ def select(
                 f"{nn.shape(module.weight)}); jpeft's LoRA adapts linear layers"
             )
         selected.append((module, hits))
-    if not selected:
+    if not selected and required:
         short = sorted({m.short_name for m in found})
         wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         close = sorted({c for w in wanted for c in difflib.get_close_matches(w, short, n=3)})

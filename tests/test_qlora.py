@@ -126,6 +126,20 @@ def test_quantize_defaults_to_every_linear_but_the_head(tiny_llama):
     assert not isinstance(layers["input_layernorm"]["weight"], nf4.NF4Weight)
 
 
+@pytest.mark.parametrize("targets", [None, ["q_proj", "down_proj"]])
+def test_quantising_while_loading_equals_quantising_after(tiny64, targets):
+    """qlora.from_pretrained quantises each weight as it is read (the float model never
+    exists whole) and gives bitwise the tree that quantize gives on the loaded model."""
+    _, params = jpeft.models.from_pretrained(tiny64)
+    expected = qlora.quantize(params, targets=targets, compute_dtype=jnp.float32)
+    _, loaded = qlora.from_pretrained(tiny64, targets=targets, compute_dtype=jnp.float32)
+    assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="match no module"):
+        qlora.from_pretrained(tiny64, targets=["q_prj"])
+
+
 def test_dequantisation_stays_inside_the_layer_scan(tiny_llama):
     """No dense copy of a stacked quantised weight is formed outside the scan: the forward's
     top-level jaxpr holds no float array of the stacked ``[l, in, out]`` size."""

@@ -20,6 +20,8 @@ GGUF loader of transformers, ``modeling_gguf_pytorch_utils.py``, which is the re
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import re
 
@@ -28,24 +30,38 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 _DECODER_GLOBAL = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
 }
 _DECODER_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _QWEN3_BLOCK = _DECODER_BLOCK | {
-    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _GPT2_GLOBAL = {
-    "token_embd": "transformer.wte", "position_embd": "transformer.wpe",
-    "output_norm": "transformer.ln_f", "output": "lm_head",
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
 }
 _GPT2_BLOCK = {
-    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
-    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
 }
 # architecture -> (HF class, global tensor names, per-block tensor names, HF block prefix)
 _ARCHS = {
@@ -64,7 +80,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a GGUF file into a Hugging Face style config dict and HF-named state dict.
 
     The config carries the ``config.json`` keys transformers 5 would write for the equivalent model;
-    the state dict maps HF parameter names to dequantised float32 arrays in HF layout. A tied LM
+    the state dict maps HF parameter names to float32 arrays in HF layout, dequantised when first
+    read (``np.asarray(state[name])``; ``.shape`` and ``.dtype`` need no work), so that a
+    loader holds one tensor's float32 copy at a time rather than the whole model's. A tied LM
     head (``tie_word_embeddings``) has no ``lm_head.weight`` entry. Supports the ``llama``,
     ``qwen2``, ``qwen3`` and ``gpt2`` architectures.
 
@@ -91,8 +109,26 @@ def _read(reader: GGUFReader) -> tuple[dict, dict[str, np.ndarray]]:
     for name, tensor in tensors.items():
         if name != _ROPE_FREQS:  # folded into config["rope_parameters"]
             hf_name, kind = _hf_name(arch, name)
-            state[hf_name] = _to_hf_layout(arch, kind, _dequantize(tensor), config)
+            _check_supported(tensor)
+            state[hf_name] = _LazyTensor(tensor, arch, kind, config)
     return config, state
+
+
+class _LazyTensor:
+    """A GGUF tensor in HF layout, dequantised to float32 each time numpy asks for it."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, tensor, arch: str, kind: str, config: dict):
+        self._tensor, self._arch, self._kind, self._config = tensor, arch, kind, config
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        transposed = arch == "gpt2" and kind in _GPT2_TRANSPOSED and len(shape) == 2
+        self.shape = shape[::-1] if transposed else shape
+        self.ndim = len(shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = _to_hf_layout(self._arch, self._kind, _dequantize(self._tensor), self._config)
+        return values if dtype is None else values.astype(dtype, copy=False)
 
 
 def _open(path: str | os.PathLike) -> GGUFReader:
@@ -120,18 +156,35 @@ def _value(reader: GGUFReader, key: str, default=_REQUIRED):
     return default
 
 
-def _dequantize(tensor) -> np.ndarray:
-    """Dequantise a reader tensor to a float32 array in numpy (HF) dimension order."""
-    try:
-        values = dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as e:
+def _check_supported(tensor) -> None:
+    if tensor.tensor_type.name not in _supported_types():
         raise ValueError(
             f"tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, which gguf cannot "
             f"dequantize; supported types: {_supported_types()}"
-        ) from e
-    return np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        )
 
 
+_DEQUANTIZE_ROWS = 4096
+"""Rows dequantised at a time: ``gguf.quants.dequantize`` holds several float32-sized
+temporaries, which for a whole embedding table would be hundreds of MB."""
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """Dequantise a reader tensor to a float32 array in numpy (HF) dimension order, a block
+    of leading rows at a time."""
+    shape = tuple(reversed(tensor.shape.tolist()))
+    data = tensor.data  # memory-mapped; leading axis = leading axis of `shape`
+    if data.ndim < 2:
+        return np.asarray(dequantize(data, tensor.tensor_type), np.float32).reshape(shape)
+    out = np.empty((data.shape[0], math.prod(shape) // data.shape[0]), np.float32)
+    for start in range(0, data.shape[0], _DEQUANTIZE_ROWS):
+        rows = out[start : start + _DEQUANTIZE_ROWS]
+        block = data[start : start + _DEQUANTIZE_ROWS]
+        rows[...] = dequantize(block, tensor.tensor_type).reshape(rows.shape)
+    return out.reshape(shape)
+
+
+@functools.cache
 def _supported_types() -> list[str]:
     """Names of the GGML types ``gguf.quants.dequantize`` handles, probed on one zero block."""
     supported = []
@@ -236,9 +289,12 @@ def _rope_parameters(reader: GGUFReader, arch: str, rope_freqs: np.ndarray | Non
         raise ValueError(f"unsupported GGUF rope scaling type {scaling!r}")
     params |= {"rope_type": scaling, "factor": float(key("scaling.factor"))}
     if scaling == "yarn":
-        optional = {"original_max_position_embeddings": "scaling.original_context_length",
-                    "attention_factor": "scaling.yarn_attn_factor",
-                    "beta_fast": "scaling.yarn_beta_fast", "beta_slow": "scaling.yarn_beta_slow"}
+        optional = {
+            "original_max_position_embeddings": "scaling.original_context_length",
+            "attention_factor": "scaling.yarn_attn_factor",
+            "beta_fast": "scaling.yarn_beta_fast",
+            "beta_slow": "scaling.yarn_beta_slow",
+        }
         params |= {hf: key(gg) for hf, gg in optional.items() if key(gg, None) is not None}
     return params
 
@@ -263,5 +319,10 @@ def _llama3_rope(divisors: np.ndarray, theta: float) -> dict:
             f"low_freq_factor {low}, high_freq_factor {high} and "
             f"original_max_position_embeddings {original}"
         )
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-            "high_freq_factor": high, "original_max_position_embeddings": original}
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }

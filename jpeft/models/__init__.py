@@ -9,9 +9,11 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,7 +56,11 @@ def from_config(config: dict, **model_options: Any) -> DecoderLM:
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, dtype: Any = jnp.float32, **model_options: Any
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    transform: Callable[[tuple[str, ...], jax.Array], Any] | None = None,
+    **model_options: Any,
 ) -> tuple[DecoderLM, dict]:
     """Loads a model and its parameters from a local Hugging Face folder or a GGUF file.
 
@@ -62,6 +68,8 @@ def from_pretrained(
       path: a folder with ``config.json`` and ``*.safetensors`` (sharded with
         ``model.safetensors.index.json`` too), or a ``.gguf`` file (dequantised).
       dtype: the floating dtype of the parameters (e.g. ``jnp.bfloat16`` for a frozen base).
+      transform: ``transform(path, array)`` replaces each parameter as it is loaded, one at
+        a time (see :func:`jpeft.qlora.from_pretrained`, which quantises this way).
       **model_options: model fields such as ``remat``.
 
     Returns:
@@ -83,7 +91,7 @@ def from_pretrained(
     else:
         raise checkpoints.CheckpointError(f"{path} is neither a model folder nor a .gguf file")
     model = from_config(config, **model_options)
-    params = model.from_hf_state_dict(tensors, dtype=dtype, source=str(path))
+    params = model.from_hf_state_dict(tensors, dtype=dtype, source=str(path), transform=transform)
     return model, params
 
 

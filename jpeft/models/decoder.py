@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -306,12 +306,20 @@ class DecoderLM(abc.ABC):
         return ".".join(self.layers_path)
 
     def from_hf_state_dict(
-        self, tensors: Mapping[str, np.ndarray], *, dtype: Any = jnp.float32, source: str = ""
+        self,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        dtype: Any = jnp.float32,
+        source: str = "",
+        transform: Callable[[tuple[str, ...], jax.Array], Any] | None = None,
     ) -> dict:
         """Builds the jpeft parameter tree from HF-named, HF-layout arrays.
 
         Checks that every parameter is present with its expected shape; ignores buffers that
-        are not parameters and a tied output head stored twice.
+        are not parameters and a tied output head stored twice. `transform(path, array)`,
+        when given, replaces each parameter as soon as it is built (e.g. quantises it), so
+        that the whole float tree never exists at once; `tensors` may be lazy (anything with
+        ``shape`` that :func:`numpy.asarray` reads), and is then read one parameter at a time.
 
         Raises:
           CheckpointError: a missing or unexpected tensor, or a shape mismatch (naming the
@@ -350,14 +358,23 @@ class DecoderLM(abc.ABC):
             return jnp.asarray(array)
 
         params: dict = {}
+
+        def put(path: tuple[str, ...], array: np.ndarray, transposed: bool) -> None:
+            leaf = convert(array, transposed)
+            del array
+            _set(params, path, leaf if transform is None else transform(path, leaf))
+
         for name in global_shapes:
-            _set(params, tuple(name.split(".")), convert(tensors[name], self._hf_transposed(name)))
+            put(tuple(name.split(".")), np.asarray(tensors[name]), self._hf_transposed(name))
         for suffix in layer_shapes:
-            stacked = np.stack(
-                [tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"] for i in range(self.num_layers)]
-            )
+            first = np.asarray(tensors[f"{self._hf_layers_prefix}.0.{suffix}"])
+            stacked = np.empty((self.num_layers, *first.shape), first.dtype)
+            stacked[0] = first
+            for i in range(1, self.num_layers):
+                stacked[i] = np.asarray(tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"])
             path = self.layers_path + tuple(suffix.split("."))
-            _set(params, path, convert(stacked, self._hf_transposed(suffix)))
+            put(path, stacked, self._hf_transposed(suffix))
+            del first, stacked
         return params
 
     def to_hf_state_dict(self, params: dict) -> dict[str, np.ndarray]:
