@@ -90,9 +90,21 @@ def embed(ids: jax.Array, table: Any, dtype: Any = None) -> jax.Array:
 
 
 def attend(x: jax.Array, table: Any) -> jax.Array:
-    """``x @ table.T`` for ``x: [..., d]`` and ``table: [v, d]``: a tied output head."""
+    """``x @ table.T`` for ``x: [..., d]`` and ``table: [v, d]``: a tied output head.
+
+    On CPU this is computed as ``(table @ x.T).T``: written as ``x @ table.T``, XLA:CPU
+    keeps a transposed copy of the whole table alive through the chunked loss (113 MiB of
+    temporaries for SmolLM2's 49152 x 576 table; bench/README.md); this form reads the
+    table as it is stored and transposes only the ``[v, tokens]`` product.
+    """
     rule = _rule("attend", table)
-    return rule(x, table) if rule is not None else x @ table.astype(x.dtype).T
+    if rule is not None:
+        return rule(x, table)
+    table = table.astype(x.dtype)
+    if jax.default_backend() != "cpu":
+        return x @ table.T
+    rows = x.reshape(-1, x.shape[-1])
+    return (table @ rows.T).T.reshape(*x.shape[:-1], table.shape[0])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

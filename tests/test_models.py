@@ -178,9 +178,7 @@ def test_kv_prefix_of_a_real_prompt_equals_running_it(tiny, kind):
     cache = t.model.init_cache(batch, p)
     _, cache = _cached_step(t.model, t.params, ids[:, :p], jnp.ones_like(ids[:, :p]), cache)
     prefix = KVPrefix(cache.k[:, :, :p], cache.v[:, :, :p])
-    assert prefix.k.shape == (
-        t.model.num_layers, batch, p, t.model.num_kv_heads, t.model.head_dim
-    )
+    assert prefix.k.shape == (t.model.num_layers, batch, p, t.model.num_kv_heads, t.model.head_dim)
     positions = p + jnp.broadcast_to(jnp.arange(steps), (batch, steps))
     got = _forward_prefixed(t.model, t.params, ids[:, p:], positions, prefix)
     assert got.shape == (batch, steps, VOCAB)
@@ -291,6 +289,37 @@ def test_model_is_a_static_jit_argument_without_recompiling(tiny):
     assert len(traces) == 2
     logits(dataclasses.replace(t.model, remat=None), t.params, ids)
     assert len(traces) == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_remat_policies_change_memory_not_gradients(tiny, family):
+    """Every layer remat policy gives the LoRA gradients of no remat at all (up to float32
+    summation order); an unknown policy name fails when the model is made."""
+    t = tiny(family)
+    params = jpeft.lora.apply(
+        t.params, rank=4, targets="all-linear", init_lora_weights=False, key=jax.random.key(0)
+    )
+    trainable, frozen = jpeft.split(params)
+    ids = jnp.asarray(_ids((BATCH, STEPS), seed=3))
+
+    def grads(remat):
+        model = dataclasses.replace(t.model, remat=remat)
+
+        def loss(trainable):
+            return jpeft.train.causal_lm_loss(
+                model, jpeft.combine(trainable, frozen), {"input_ids": ids}
+            )[0]
+
+        return jax.jit(jax.grad(loss))(trainable)
+
+    reference = grads(None)
+    for remat in ["nothing_saveable", "save_mlp", "save_matmuls", "dots_saveable"]:
+        for got, want in zip(
+            jax.tree.leaves(grads(remat)), jax.tree.leaves(reference), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=remat)
+    with pytest.raises(ValueError, match="unknown remat policy 'save_everything'"):
+        dataclasses.replace(t.model, remat="save_everything")
 
 
 # ----------------------------------------------------------------------------- generation

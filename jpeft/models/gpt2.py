@@ -16,6 +16,7 @@ import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jpeft import nn
 from jpeft.models import decoder
@@ -122,11 +123,11 @@ class GPT2(decoder.DecoderLM):
         c = self.config
         proj = layer["attn"]["c_proj"]
         h = h + nn.linear(attn.reshape(*attn.shape[:2], -1), proj["weight"], proj["bias"])
+        h = checkpoint_name(h, "residual")
         x = nn.layer_norm(h, layer["ln_2"]["weight"], layer["ln_2"]["bias"], c.layer_norm_epsilon)
         mlp = layer["mlp"]
-        x = nn.activation(c.activation_function)(
-            nn.linear(x, mlp["c_fc"]["weight"], mlp["c_fc"]["bias"])
-        )
+        hidden = nn.linear(x, mlp["c_fc"]["weight"], mlp["c_fc"]["bias"])
+        x = nn.activation(c.activation_function)(checkpoint_name(hidden, "mlp_hidden"))
         return h + nn.linear(x, mlp["c_proj"]["weight"], mlp["c_proj"]["bias"])
 
     def _final_norm(self, params, h):

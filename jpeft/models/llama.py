@@ -17,6 +17,7 @@ import dataclasses
 from typing import ClassVar
 
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jpeft import nn
 from jpeft.models import decoder
@@ -195,11 +196,13 @@ class Llama(decoder.DecoderLM):
         c = self.config
         attn = attn.reshape(*attn.shape[:2], -1)
         o_proj = layer["self_attn"]["o_proj"]
-        h = h + nn.linear(attn, o_proj["weight"], o_proj.get("bias"))
+        h = checkpoint_name(h + nn.linear(attn, o_proj["weight"], o_proj.get("bias")), "residual")
         x = nn.rms_norm(h, layer["post_attention_layernorm"]["weight"], c.rms_norm_eps)
         mlp = layer["mlp"]
-        gate = nn.linear(x, mlp["gate_proj"]["weight"], mlp["gate_proj"].get("bias"))
-        up = nn.linear(x, mlp["up_proj"]["weight"], mlp["up_proj"].get("bias"))
+        gate, up = (
+            checkpoint_name(nn.linear(x, mlp[name]["weight"], mlp[name].get("bias")), "mlp_hidden")
+            for name in ("gate_proj", "up_proj")
+        )
         act = nn.activation(c.hidden_act)
         down = mlp["down_proj"]
         return h + nn.linear(act(gate) * up, down["weight"], down.get("bias"))
