@@ -56,8 +56,9 @@ def load_rows(source: str | os.PathLike, split: str = "train") -> list[dict]:
         if not path.is_file():
             raise DataError(f"{path} does not exist")
         try:
-            dataset = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path),
-                                            split="train")
+            dataset = datasets.load_dataset(
+                _FORMATS[path.suffix], data_files=str(path), split="train"
+            )
         except Exception as err:  # datasets raises many types for a malformed file
             raise DataError(f"{path} could not be read as {_FORMATS[path.suffix]}: {err}") from err
     else:

@@ -62,8 +62,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in self._SCHEDULES:
             raise ValueError(f"schedule must be one of {self._SCHEDULES}, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "bucket", "eval_every",
-                     "save_every", "log_every"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "bucket",
+            "eval_every",
+            "save_every",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -78,9 +85,13 @@ class TrainConfig:
             "linear": optax.linear_schedule(self.learning_rate, 0.0, decay_steps),
             "constant": optax.constant_schedule(self.learning_rate),
         }[self.schedule]
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, self.learning_rate, warmup), after], [warmup]
-        ) if warmup else after
+        schedule = (
+            optax.join_schedules(
+                [optax.linear_schedule(0.0, self.learning_rate, warmup), after], [warmup]
+            )
+            if warmup
+            else after
+        )
         return optax.adamw(schedule, weight_decay=self.weight_decay)
 
 
@@ -122,8 +133,9 @@ def fit(
     steps_per_epoch = max(len(train_examples) // rows_per_step, 1) if not config.pack else None
     total = config.max_steps or (steps_per_epoch or 0) * config.epochs
     if not total:
-        raise ValueError("set max_steps when packing (the number of packed rows is not known "
-                         "in advance)")
+        raise ValueError(
+            "set max_steps when packing (the number of packed rows is not known in advance)"
+        )
     optimizer = config.optimizer(total)
     trainable, frozen = tree.split(params)
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates these; `params` stays usable
@@ -161,8 +173,13 @@ def fit(
 
     def save(at: int) -> None:
         checkpoint.save_train_state(
-            state_dir, at, params=trainable, opt_state=opt_state,
-            data_position=at * config.grad_accum, rng=rng, keep=config.keep_checkpoints,
+            state_dir,
+            at,
+            params=trainable,
+            opt_state=opt_state,
+            data_position=at * config.grad_accum,
+            rng=rng,
+            keep=config.keep_checkpoints,
         )
 
     interrupt = _DeferredInterrupt()
@@ -176,8 +193,11 @@ def fit(
             )
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
-                kept = ("no train state was saved" if last_saved is None else
-                        f"the train state saved at step {last_saved} in {state_dir} is intact")
+                kept = (
+                    "no train state was saved"
+                    if last_saved is None
+                    else f"the train state saved at step {last_saved} in {state_dir} is intact"
+                )
                 raise NonFiniteLossError(
                     f"loss is {loss} at step {step + 1}; {kept} (try a lower learning rate)"
                 )
@@ -191,8 +211,9 @@ def fit(
                 "tokens_per_s": float(metrics["tokens"]) / (time.perf_counter() - started),
             }
             if eval_batches and (step % config.eval_every == 0 or step == total):
-                record["eval_loss"] = _eval_loss(model, tree.combine(trainable, frozen),
-                                                 eval_batches)
+                record["eval_loss"] = _eval_loss(
+                    model, tree.combine(trainable, frozen), eval_batches
+                )
             if step % config.log_every == 0 or "eval_loss" in record:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -208,11 +229,15 @@ def fit(
             if step != last_saved:
                 save(step)
         except Exception as err:  # e.g. buffers donated to a step cut short by a 2nd Ctrl-C
-            bar.write(f"interrupted: the train state at step {step} could not be saved "
-                      f"({err}); the newest saved one is at step {last_saved}")
+            bar.write(
+                f"interrupted: the train state at step {step} could not be saved "
+                f"({err}); the newest saved one is at step {last_saved}"
+            )
             raise KeyboardInterrupt from None
-        bar.write(f"interrupted: train state saved at step {step} in {state_dir}; "
-                  "run again with resume to continue")
+        bar.write(
+            f"interrupted: train state saved at step {step} in {state_dir}; "
+            "run again with resume to continue"
+        )
         raise
     finally:
         interrupt.restore()
@@ -232,8 +257,10 @@ class _DeferredInterrupt:
 
     def __init__(self):
         self.pressed = False
-        self._installed = (threading.current_thread() is threading.main_thread()
-                           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self._installed = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
         if self._installed:
             signal.signal(signal.SIGINT, self._handle)
 
@@ -253,9 +280,17 @@ def _next_batch(stream, grad_accum: int) -> dict[str, np.ndarray]:
         return next(stream)
     micro = [next(stream) for _ in range(grad_accum)]
     width = max(b["input_ids"].shape[1] for b in micro)
-    padded = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
-                         constant_values=train.IGNORE_INDEX if k == "labels" else 0)
-               for k, v in b.items()} for b in micro]
+    padded = [
+        {
+            k: np.pad(
+                v,
+                ((0, 0), (0, width - v.shape[1])),
+                constant_values=train.IGNORE_INDEX if k == "labels" else 0,
+            )
+            for k, v in b.items()
+        }
+        for b in micro
+    ]
     return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
 
 
@@ -263,8 +298,11 @@ def _eval_batches(examples, config: TrainConfig, pad_id: int) -> list[dict]:
     if not examples:
         return []
     size = min(config.batch_size, len(examples))
-    return list(data.batches(examples, size, pad_id=pad_id, bucket=config.bucket,
-                             shuffle_seed=None, epochs=1))
+    return list(
+        data.batches(
+            examples, size, pad_id=pad_id, bucket=config.bucket, shuffle_seed=None, epochs=1
+        )
+    )
 
 
 def _eval_loss(model, params, batches) -> float:
@@ -311,4 +349,3 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
-
