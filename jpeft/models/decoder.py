@@ -234,6 +234,11 @@ class DecoderLM(abc.ABC):
             return nn.attend(hidden, _get(params, self.embed_path)["weight"])
         return nn.linear(hidden, _get(params, self.head_path)["weight"])
 
+    def head_weight(self, params: dict) -> Any:
+        """The output head's weight: the ``[v, d]`` embedding table when tied, else the
+        ``[d, v]`` head (an array or a parameter node)."""
+        return _get(params, self.embed_path if self.tied else self.head_path)["weight"]
+
     def hidden_states(
         self,
         params: dict,

@@ -1,0 +1,96 @@
+"""The chunked causal-LM loss: value and gradients equal the plain full-logits formulation,
+for the fused head (a plain head weight, tied or not) and for a head that is a parameter node."""
+
+from __future__ import annotations
+
+import hf_models
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft import train
+
+# float32 throughout: the fused and the plain loss differ only in summation order.
+LOSS_RTOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
+
+
+def _plain_loss(model, params, batch):
+    """Σ NLL over labelled next tokens from whole ``[b, t, v]`` logits, as written."""
+    logits = model(params, batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = jnp.where(batch["attention_mask"] > 0, batch["input_ids"], train.IGNORE_INDEX)
+    logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    valid = labels != train.IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], -1)[..., 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0))
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, hf_models.COMMON["vocab_size"], (3, 19))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0  # left padding: ignored labels
+    return {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask)}
+
+
+def _assert_trees_close(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied-bias", "gpt2"])
+@pytest.mark.parametrize("chunk_size", [4, 32])
+def test_loss_and_gradients_equal_the_plain_formulation(tmp_path, kind, chunk_size):
+    hf_models.make(kind, tmp_path)
+    model, params = jpeft.models.from_pretrained(tmp_path)
+    batch = _batch()
+
+    def chunked(p):
+        return train.causal_lm_loss(model, p, batch, chunk_size=chunk_size)[0]
+
+    np.testing.assert_allclose(chunked(params), _plain_loss(model, params, batch), LOSS_RTOL)
+    # Every weight differentiated, the head's included (the fused backward's recompute).
+    _assert_trees_close(
+        jax.jit(jax.grad(chunked))(params),
+        jax.jit(jax.grad(lambda p: _plain_loss(model, p, batch)))(params),
+    )
+    # LoRA factors only, the head frozen (the common case: XLA drops the head's gradient).
+    adapted = jpeft.lora.apply(
+        params, rank=4, targets="all-linear", init_lora_weights=False, key=jax.random.key(1)
+    )
+    trainable, frozen = jpeft.split(adapted)
+
+    def plain(t):
+        return _plain_loss(model, jpeft.combine(t, frozen), batch)
+
+    _assert_trees_close(
+        jax.jit(jax.grad(lambda t: chunked(jpeft.combine(t, frozen))))(trainable),
+        jax.jit(jax.grad(plain))(trainable),
+    )
+
+
+def test_a_trained_head_node_gets_its_gradient(tmp_path):
+    """A head that is a parameter node (here a trainable copy, modules_to_save) takes the
+    unfused path and is differentiated as written."""
+    hf_models.make("llama", tmp_path)
+    model, params = jpeft.models.from_pretrained(tmp_path)
+    adapted = jpeft.lora.apply(
+        params,
+        rank=4,
+        targets=["q_proj"],
+        modules_to_save=["lm_head"],
+        init_lora_weights=False,
+        key=jax.random.key(1),
+    )
+    trainable, frozen = jpeft.split(adapted)
+    batch = _batch()
+    got = jax.grad(
+        lambda t: train.causal_lm_loss(model, jpeft.combine(t, frozen), batch, chunk_size=8)[0]
+    )(trainable)
+    want = jax.grad(lambda t: _plain_loss(model, jpeft.combine(t, frozen), batch))(trainable)
+    _assert_trees_close(got, want)
+    head = got["lm_head"]["weight"]
+    assert float(jnp.abs(jax.tree.leaves(head)[0]).max()) > 0
