@@ -122,8 +122,7 @@ class _LazyTensor:
     def __init__(self, tensor, arch: str, kind: str, config: dict):
         self._tensor, self._arch, self._kind, self._config = tensor, arch, kind, config
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        transposed = arch == "gpt2" and kind in _GPT2_TRANSPOSED and len(shape) == 2
-        self.shape = shape[::-1] if transposed else shape
+        self.shape = shape[::-1] if _gpt2_transposed(arch, kind, len(shape)) else shape
         self.ndim = len(shape)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -216,9 +215,14 @@ def _to_hf_layout(arch: str, kind: str, values: np.ndarray, config: dict) -> np.
         shape = values.shape  # rows per head: (half, 2) interleaved in the file, (2, half) in HF
         values = values.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2)
         values = values.reshape(shape)
-    elif arch == "gpt2" and kind in _GPT2_TRANSPOSED and values.ndim == 2:
+    elif _gpt2_transposed(arch, kind, values.ndim):
         values = values.T
     return np.ascontiguousarray(values)
+
+
+def _gpt2_transposed(arch: str, kind: str, ndim: int) -> bool:
+    """Whether the file stores this tensor transposed from HF's layout (GPT-2's Conv1D)."""
+    return arch == "gpt2" and kind in _GPT2_TRANSPOSED and ndim == 2
 
 
 def _config(reader: GGUFReader, arch: str, tensors: dict, rope_freqs: np.ndarray | None) -> dict:

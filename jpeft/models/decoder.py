@@ -416,14 +416,15 @@ class DecoderLM(abc.ABC):
         for name in global_shapes:
             put(tuple(name.split(".")), np.asarray(tensors[name]), self._hf_transposed(name))
         for suffix in layer_shapes:
-            first = np.asarray(tensors[f"{self._hf_layers_prefix}.0.{suffix}"])
-            stacked = np.empty((self.num_layers, *first.shape), first.dtype)
-            stacked[0] = first
-            for i in range(1, self.num_layers):
-                stacked[i] = np.asarray(tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"])
+            layers = [
+                tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"] for i in range(self.num_layers)
+            ]
+            stacked = np.empty((self.num_layers, *layer_shapes[suffix]), layers[0].dtype)
+            for i, layer in enumerate(layers):  # one layer read (dequantised) at a time
+                stacked[i] = np.asarray(layer)
             path = self.layers_path + tuple(suffix.split("."))
             put(path, stacked, self._hf_transposed(suffix))
-            del first, stacked
+            del stacked
         return params
 
     def to_hf_state_dict(self, params: dict) -> dict[str, np.ndarray]:
