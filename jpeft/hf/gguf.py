@@ -72,7 +72,7 @@ _ARCHS = {
 }
 _GPT2_TRANSPOSED = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
 _ROPE_FREQS = "rope_freqs.weight"
-_REQUIRED = object()  # `_value` default: the key must be present
+_REQUIRED = object()  # `metadata_value` default: the key must be present
 _TENSOR_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
 
@@ -90,7 +90,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         ValueError: if the file is missing, not GGUF, truncated, of an unsupported architecture, or
             holds a tensor that cannot be dequantised or has no HF counterpart.
     """
-    reader = _open(path)
+    reader = open_reader(path)
     try:
         return _read(reader)
     except ValueError as e:
@@ -99,7 +99,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _read(reader: GGUFReader) -> tuple[dict, dict[str, np.ndarray]]:
     """``read_gguf`` on an opened file."""
-    arch = _value(reader, "general.architecture")
+    arch = metadata_value(reader, "general.architecture")
     if arch not in _ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(_ARCHS)}")
     tensors = {t.name: t for t in reader.tensors}
@@ -130,7 +130,7 @@ class _LazyTensor:
         return values if dtype is None else values.astype(dtype, copy=False)
 
 
-def _open(path: str | os.PathLike) -> GGUFReader:
+def open_reader(path: str | os.PathLike) -> GGUFReader:
     """Open and parse ``path``, turning I/O and parse failures into a ``ValueError`` naming it."""
     try:
         with open(path, "rb") as f:
@@ -145,7 +145,7 @@ def _open(path: str | os.PathLike) -> GGUFReader:
         raise ValueError(f"{path}: truncated or corrupt GGUF file: {e}") from e
 
 
-def _value(reader: GGUFReader, key: str, default=_REQUIRED):
+def metadata_value(reader: GGUFReader, key: str, default=_REQUIRED):
     """The metadata value under ``key`` as a Python scalar or string, else ``default``."""
     field = reader.fields.get(key)
     if field is not None:
@@ -229,7 +229,7 @@ def _config(reader: GGUFReader, arch: str, tensors: dict, rope_freqs: np.ndarray
     """The HF config dict for a file of architecture ``arch``."""
 
     def key(name: str, default=_REQUIRED):
-        return _value(reader, f"{arch}.{name}", default)
+        return metadata_value(reader, f"{arch}.{name}", default)
 
     if "token_embd.weight" not in tensors:
         raise ValueError("the file has no token_embd.weight tensor")
@@ -239,9 +239,9 @@ def _config(reader: GGUFReader, arch: str, tensors: dict, rope_freqs: np.ndarray
         # `{arch}.vocab_size` is optional; the embedding's row count is what the model must have
         "vocab_size": key("vocab_size", int(tensors["token_embd.weight"].shape[-1])),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id", None),
-        "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id", None),
-        "pad_token_id": _value(reader, "tokenizer.ggml.padding_token_id", None),
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": metadata_value(reader, "tokenizer.ggml.padding_token_id", None),
     }
     if arch == "gpt2":
         return common | {
@@ -280,7 +280,7 @@ def _rope_parameters(reader: GGUFReader, arch: str, rope_freqs: np.ndarray | Non
     """HF ``rope_parameters`` from the ``{arch}.rope.*`` keys and the ``rope_freqs`` tensor."""
 
     def key(name: str, default=_REQUIRED):
-        return _value(reader, f"{arch}.rope.{name}", default)
+        return metadata_value(reader, f"{arch}.rope.{name}", default)
 
     # llama.cpp's runtime default when the converter wrote no base, as for HF configs without one
     params = {"rope_type": "default", "rope_theta": float(key("freq_base", 10000.0))}

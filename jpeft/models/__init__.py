@@ -97,12 +97,21 @@ def from_pretrained(
 
 def load_tokenizer(path: str | os.PathLike):
     """The transformers tokenizer of a local model folder or of a GGUF file (its embedded
-    vocabulary and chat template), with left padding for batched generation."""
+    vocabulary and chat template), with left padding for batched generation.
+
+    A GGUF tokenizer is built by :func:`jpeft.hf.gguf_tokenizer.read_tokenizer` (transformers'
+    own GGUF reader needs torch); a folder's by ``AutoTokenizer``.
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        from jpeft.hf import gguf_tokenizer
+
+        try:
+            tokenizer = gguf_tokenizer.read_tokenizer(path)
+        except ValueError as err:
+            raise checkpoints.CheckpointError(str(err)) from err
     elif path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
