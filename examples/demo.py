@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "people_json"
 OUT = ROOT / "out" / "demo"
 KEYS = ["name", "age", "city", "job"]
+PASS_SCORE = 0.8  # the held-out exact-JSON score below which the demo fails (exit code 1)
 
 
 def smollm2_gguf() -> Path:
@@ -54,7 +55,7 @@ def score(answer: str, reference: str) -> tuple[bool, bool]:
 def evaluate(model, params, tokenizer, rows) -> tuple[float, float, list[str]]:
     prompts = [row["messages"][:1] for row in rows]
     answers = jpeft.generate(model, params, tokenizer, prompts, max_new_tokens=48)
-    marks = [score(a, row["messages"][1]["content"]) for a, row in zip(answers, rows)]
+    marks = [score(a, row["messages"][1]["content"]) for a, row in zip(answers, rows, strict=True)]
     exact = sum(m[0] for m in marks) / len(rows)
     valid = sum(m[1] for m in marks) / len(rows)
     return exact, valid, answers
@@ -93,7 +94,7 @@ def main() -> None:
                          base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
 
     tuned_exact, tuned_valid, tuned_answers = evaluate(model, tuned, tokenizer, test_rows)
-    for row, before, after in list(zip(test_rows, base_answers, tuned_answers))[:3]:
+    for row, before, after in list(zip(test_rows, base_answers, tuned_answers, strict=True))[:3]:
         print(f"\nprompt: {row['messages'][0]['content']}")
         print(f"  base:  {before.strip()[:160]!r}")
         print(f"  tuned: {after.strip()[:160]!r}")
@@ -103,6 +104,11 @@ def main() -> None:
     print(f"adapter: {OUT / 'adapter'}, HF PEFT export: {OUT / 'hf_adapter'}, "
           f"metrics: {OUT / 'metrics.jsonl'}, loss plot: {OUT / 'loss.png'}")
     print(f"total time {time.perf_counter() - started:.0f}s")
+    if tuned_exact < PASS_SCORE:
+        raise SystemExit(
+            f"FAILED: the tuned model's held-out exact-JSON score {tuned_exact:.0%} is below "
+            f"{PASS_SCORE:.0%}"
+        )
 
 
 if __name__ == "__main__":
