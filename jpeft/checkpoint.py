@@ -1,7 +1,8 @@
 """Orbax checkpoints of the adapter alone, and resumable training state.
 
-An adapter checkpoint is a folder holding only what :func:`jpeft.lora.extract` returns (LoRA
-factors and scales without their base weight, and :class:`jpeft.tree.Trainable` weights),
+An adapter checkpoint is a folder holding only what :func:`jpeft.tree.extract` returns (the
+adapter nodes without their base weight, e.g. LoRA factors and scales, and
+:class:`jpeft.tree.Trainable` weights),
 megabytes rather than the gigabytes of the model::
 
     adapter/
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import lora, tree
+from jpeft import tree
 from jpeft.hf import checkpoints
 
 CheckpointError = checkpoints.CheckpointError
@@ -54,8 +55,6 @@ METADATA_FILE = "jpeft_adapter.json"
 
 _ARRAYS_PREFIX = "jpeft_arrays_"
 _ARRAYS_NAME = re.compile(rf"{_ARRAYS_PREFIX}[0-9a-f]+")
-_NODE_TYPES = {"lora": lora.LoraWeight, "trainable": tree.Trainable}
-_TYPE_NAMES = {cls: name for name, cls in _NODE_TYPES.items()}
 
 
 def save_adapter(params: Any, directory: str | os.PathLike, *, config: dict | None = None) -> None:
@@ -78,13 +77,13 @@ def save_adapter(params: Any, directory: str | os.PathLike, *, config: dict | No
       checkpoint.save_adapter(params, "out/adapter", config={"r": 8})
     """
     entries, arrays = [], {}
-    for keys, node in tree.iter_nodes(lora.extract(params)):
+    for keys, node in tree.iter_nodes(tree.extract(params)):
         entry, fields = _describe(keys, node)
         entries.append(entry)
         for name, value in fields.items():
             arrays[(*map(str, keys), name)] = value
     if not entries:
-        raise ValueError("params hold no adapter: no LoRA or Trainable entry to save")
+        raise ValueError("params hold no adapter: no adapter node to save")
     arrays_name = f"{_ARRAYS_PREFIX}{uuid.uuid4().hex}"
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -132,8 +131,8 @@ def read_adapter_metadata(directory: str | os.PathLike) -> dict:
     Returns:
       A dict with ``format_version``, ``arrays`` (the arrays folder's name), ``config`` (as
       given to :func:`save_adapter`, or None) and ``entries``: per adapter entry its
-      ``path`` (the tree keys), ``type`` (``"lora"`` or ``"trainable"``), ``static`` fields
-      and ``arrays`` (name to ``{"shape", "dtype"}``).
+      ``path`` (the tree keys), ``type`` (the node kind: ``"lora"``, ``"trainable"``, ...),
+      ``static`` fields and ``arrays`` (name to ``{"shape", "dtype"}``).
 
     Raises:
       CheckpointError: a missing folder, a missing or corrupt JSON file, an unknown format
@@ -163,11 +162,13 @@ def read_adapter_metadata(directory: str | os.PathLike) -> dict:
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} is malformed: {type(err).__name__}: {err}") from err
     for entry in metadata["entries"]:
-        if entry["type"] not in _NODE_TYPES:
+        try:
+            tree.node_type(entry["type"])
+        except KeyError as err:
             raise CheckpointError(
-                f"{path}: entry {_dotted(entry['path'])} has unknown node type "
-                f"{entry['type']!r}; expected one of {sorted(_NODE_TYPES)}"
-            )
+                f"{path}: entry {_dotted(entry['path'])}: {err.args[0]} (is the module that "
+                "defines it imported?)"
+            ) from None
     return metadata
 
 
@@ -215,9 +216,9 @@ def load_adapter(base_params: Any, directory: str | os.PathLike) -> Any:
     adapter: dict = {}
     for entry in metadata["entries"]:
         keys = tuple(map(str, entry["path"]))
-        fields = {name: _get(arrays, (*keys, name)) for name in entry["arrays"]}
+        fields = {name: tree.get_path(arrays, (*keys, name)) for name in entry["arrays"]}
         static = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["static"].items()}
-        cls = _NODE_TYPES[entry["type"]]
+        cls = tree.node_type(entry["type"])
         values = dict.fromkeys(field.name for field in dataclasses.fields(cls))
         try:
             node = cls(**{**values, **fields, **static})
@@ -226,9 +227,9 @@ def load_adapter(base_params: Any, directory: str | os.PathLike) -> Any:
                 f"{directory / METADATA_FILE}: entry {_dotted(entry['path'])} does not fit a "
                 f"{cls.__name__}: {err}"
             ) from err
-        _set(adapter, tuple(entry["path"]), node)
+        tree.set_path(adapter, tuple(entry["path"]), node)
     try:
-        return lora.attach(base_params, adapter)
+        return tree.attach(base_params, adapter)
     except ValueError as err:
         raise CheckpointError(f"the adapter in {directory} does not fit the base: {err}") from err
 
@@ -414,7 +415,7 @@ def _describe(keys: tuple, node: tree.Node) -> tuple[dict, dict[str, Any]]:
             arrays[field.name] = value
     entry = {
         "path": list(keys),
-        "type": _TYPE_NAMES[type(node)],
+        "type": node.kind,
         "static": static,
         "arrays": {
             name: {"shape": list(jnp.shape(x)), "dtype": jnp.dtype(jnp.result_type(x)).name}
@@ -488,7 +489,7 @@ def _unflatten(like: Any, nested: dict) -> Any:
     """The pytree of `like`'s structure whose leaves are taken from `nested` by path."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     return jax.tree_util.tree_unflatten(
-        treedef, [_get(nested, tuple(map(str, tree.path_keys(p)))) for p, _ in paths]
+        treedef, [tree.get_path(nested, tuple(map(str, tree.path_keys(p)))) for p, _ in paths]
     )
 
 
@@ -496,20 +497,8 @@ def _nest(flat: dict[tuple, Any]) -> dict:
     """``{("a", "b"): x}`` -> ``{"a": {"b": x}}``."""
     nested: dict = {}
     for keys, value in flat.items():
-        _set(nested, keys, value)
+        tree.set_path(nested, keys, value)
     return nested
-
-
-def _get(nested: dict, keys: tuple) -> Any:
-    for key in keys:
-        nested = nested[key]
-    return nested
-
-
-def _set(nested: dict, keys: tuple, value: Any) -> None:
-    for key in keys[:-1]:
-        nested = nested.setdefault(key, {})
-    nested[keys[-1]] = value
 
 
 def _dotted(keys: Any) -> str:

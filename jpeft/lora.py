@@ -134,11 +134,20 @@ class LoraWeight(tree.Node):
     layers: tuple[int, ...] | None = tree.static(None)
     rslora: bool = tree.static(False)
 
+    kind: ClassVar[str] = "lora"
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+    base_field: ClassVar[str] = "w"
+    rng_field: ClassVar[str] = "dropout_key"
 
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    def rng_shape(self) -> tuple[int, ...] | None:
+        return jnp.shape(self.scale) if self.dropout > 0 else None
+
+    def adapted_shape(self) -> tuple[int, ...]:
+        return (*self.a.shape[:-1], self.b.shape[-1])
 
     def alphas(self) -> np.ndarray:
         """``[...]`` α of each layer, recovered from `scale`."""
@@ -214,9 +223,9 @@ def apply(
         raise ValueError("apply needs key=jax.random.key(...) to initialise the LoRA factors")
     selected = targets_of(params, config)
     keys = jax.random.split(key, max(len(selected), 1))
-    new = _copy_dicts(params)
+    new = tree.copy_dicts(params)
     for (module, layers), module_key in zip(selected, keys, strict=True):
-        entry = _entry(new, module.path)
+        entry = tree.get_path(new, module.path)
         entry[module.weight_key] = _init_node(
             entry[module.weight_key], module, layers, config, module_key
         )
@@ -229,7 +238,7 @@ def apply(
             entry["bias"] = tree.Trainable(entry["bias"])
     if config.bias == "all":
         for module in targeting.modules(new):
-            entry = _entry(new, module.path)
+            entry = tree.get_path(new, module.path)
             if "bias" in entry and not isinstance(entry["bias"], tree.Trainable):
                 entry["bias"] = tree.Trainable(entry["bias"])
     if config.modules_to_save:
@@ -301,7 +310,7 @@ def _mark_modules_to_save(params: dict, names: Sequence[str]) -> None:
             "has no module of its own: name the embedding instead)"
         )
     for module in found:
-        entry = _entry(params, module.path)
+        entry = tree.get_path(params, module.path)
         for leaf in (module.weight_key, "bias"):
             if leaf in entry and not isinstance(entry[leaf], tree.Node):
                 entry[leaf] = tree.Trainable(entry[leaf], copied=True)
@@ -316,62 +325,9 @@ def merge(params: dict) -> dict:
     return tree.materialize(params)
 
 
-def extract(params: dict) -> dict:
-    """The adapter alone: a tree holding only the adapted entries, each LoRA node without
-    its base weight (``w=None``) and each trained weight whole. Small enough to save."""
-    out: dict = {}
-    for keys, value in tree.iter_nodes(params):
-        if isinstance(value, LoraWeight):
-            value = dataclasses.replace(value, w=None, dropout_key=None)
-        elif not isinstance(value, tree.Trainable):
-            continue
-        _set_path(out, keys, value)
-    return out
+extract = tree.extract
+"""The adapter alone (:func:`jpeft.tree.extract`): the LoRA nodes without their base weight
+and the trained weights whole. Small enough to save."""
 
-
-def attach(base_params: dict, adapter: dict) -> dict:
-    """Puts an adapter from :func:`extract` back onto a base tree.
-
-    Raises:
-      ValueError: an adapter entry with no counterpart in the base, or a shape mismatch
-        (naming the path and both shapes).
-    """
-    new = _copy_dicts(base_params)
-    for keys, value in tree.iter_nodes(adapter):
-        path = ".".join(map(str, keys))
-        try:
-            base = _entry(new, keys[:-1])[keys[-1]]
-        except (KeyError, TypeError):
-            raise ValueError(f"adapter entry {path} has no counterpart in the base tree") from None
-        base_shape = nn.shape(base)
-        if isinstance(value, LoraWeight):
-            want = (*value.a.shape[:-1], value.b.shape[-1])
-            value = dataclasses.replace(value, w=base)
-        else:
-            want = nn.shape(value)
-        if tuple(want) != tuple(base_shape):
-            raise ValueError(
-                f"adapter entry {path} fits a weight of shape {tuple(want)}, but the base has "
-                f"{tuple(base_shape)}"
-            )
-        _entry(new, keys[:-1])[keys[-1]] = value
-    return new
-
-
-def _copy_dicts(params: Any) -> Any:
-    """A copy of the dict structure (arrays and nodes shared)."""
-    if isinstance(params, dict):
-        return {k: _copy_dicts(v) for k, v in params.items()}
-    return params
-
-
-def _entry(params: dict, path: Sequence[str]) -> dict:
-    for key in path:
-        params = params[key]
-    return params
-
-
-def _set_path(params: dict, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
-        params = params.setdefault(key, {})
-    params[path[-1]] = value
+attach = tree.attach
+"""Puts an adapter from :func:`extract` back onto a base tree (:func:`jpeft.tree.attach`)."""

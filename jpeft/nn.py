@@ -54,8 +54,29 @@ def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
     return decorator
 
 
+def has_rule(op: str, w: Any) -> bool:
+    """Whether a rule for `op` is registered for the type of `w`."""
+    return (op, type(w)) in _RULES
+
+
 def _rule(op: str, w: Any) -> Callable | None:
-    return _RULES.get((op, type(w)))
+    """The rule of `op` for `w`'s type; None for an array (the op's own default). A node
+    with a ``value`` rule but none for `op` computes `op` on its dense value.
+
+    Raises:
+      TypeError: `w` is neither an array nor of a type with a rule (named in the message).
+    """
+    rule = _RULES.get((op, type(w)))
+    if rule is not None or isinstance(w, (jax.Array, np.ndarray, np.generic, int, float)):
+        return rule
+    dense = _RULES.get(("value", type(w)))
+    if dense is None:
+        raise TypeError(
+            f"jpeft.nn.{op} got a {type(w).__name__}, which is not an array and has no "
+            f"{op!r} or 'value' rule; register one with jpeft.nn.register"
+        )
+    op_on_array = _OP_FUNCTIONS[op]
+    return lambda *args: op_on_array(*args[:-1], dense(args[-1]))
 
 
 def value(w: Any) -> Any:
@@ -105,6 +126,9 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
         return x @ table.T
     rows = x.reshape(-1, x.shape[-1])
     return (table @ rows.T).T.reshape(*x.shape[:-1], table.shape[0])
+
+
+_OP_FUNCTIONS = {"linear": linear, "embed": embed, "attend": attend}
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

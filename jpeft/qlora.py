@@ -85,7 +85,7 @@ def quantize(
       params = jpeft.qlora.quantize(params, targets=["q_proj", "v_proj"])
     """
     chosen = targeting.select(params, targeting.ALL_LINEAR if targets is None else targets)
-    new = _copy_dicts(params)
+    new = tree.copy_dicts(params)
     for module, layers in chosen:
         if len(layers) != len(module.names):
             raise ValueError(
@@ -98,7 +98,7 @@ def quantize(
                 f"{module.names[0]} is already a {type(module.weight).__name__}; quantise the "
                 "plain weights, then apply LoRA"
             )
-        entry = _get(new, module.path)
+        entry = tree.get_path(new, module.path)
         entry[module.weight_key] = nf4.quantize(
             module.weight,
             block_size=block_size,
@@ -150,11 +150,11 @@ def from_pretrained(
 
     def quantize_if_targeted(leaf_path: tuple[str, ...], leaf: jax.Array) -> Any:
         single: dict = {}
-        _set(single, leaf_path, leaf)
+        tree.set_path(single, leaf_path, leaf)
         if not targeting.select(single, wanted, required=False):
             return leaf
         quantised.append(leaf_path)
-        return _get(quantize_chosen(single), leaf_path)
+        return tree.get_path(quantize_chosen(single), leaf_path)
 
     model, params = models.from_pretrained(
         path, dtype=dtype, transform=quantize_if_targeted, **model_options
@@ -310,7 +310,7 @@ def from_pretrained_4bit(
             )
         if not isinstance(value, nf4.NF4Weight):
             value = _convert(value, transposed, dtype)
-        _set(params, path_keys, value)
+        tree.set_path(params, path_keys, value)
     ignored = [re.compile(p) for p in model._hf_ignored]
     head = ".".join(model.head_path) + ".weight"
     unexpected = sorted(
@@ -361,7 +361,7 @@ def save_pretrained_4bit(
     tensors: dict[str, np.ndarray] = {}
     nodes: list[nf4.NF4Weight] = []
     for hf_name, path_keys, layers, transposed, _ in _layout(model):
-        value = _get(params, path_keys)
+        value = tree.get_path(params, path_keys)
         if isinstance(value, tree.Node) and not isinstance(value, nf4.NF4Weight):
             raise ValueError(
                 f"{'.'.join(path_keys)} is a {type(value).__name__}: merge adapters first "
@@ -493,20 +493,3 @@ def _convert(array: np.ndarray, transposed: bool, dtype: Any) -> jax.Array:
     return jnp.asarray(array)
 
 
-def _copy_dicts(params: Any) -> Any:
-    """A copy of the dict structure (arrays and nodes shared)."""
-    if isinstance(params, dict):
-        return {k: _copy_dicts(v) for k, v in params.items()}
-    return params
-
-
-def _get(params: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        params = params[key]
-    return params
-
-
-def _set(params: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        params = params.setdefault(key, {})
-    params[path[-1]] = value

@@ -1,18 +1,32 @@
-"""Path-keyed helpers over parameter trees: adapter nodes, trainable masks, split/combine.
+"""Path-keyed helpers over parameter trees: the adapter node protocol, masks, split/combine.
 
 A parameter tree is nested dicts of arrays keyed by Hugging Face module names. PEFT methods
 replace some weights by small pytree *nodes* (subclasses of :class:`Node`): a LoRA node holds
 the frozen weight and the trainable factors, a :class:`Trainable` node marks a whole weight
-as trained (``modules_to_save``, trainable biases). A node names which of its fields train;
-everything else is frozen. From that one fact come the optax mask, the split of the tree into
-a trainable and a frozen half at the jit boundary, and the parameter counts.
+as trained (``modules_to_save``, trainable biases), an NF4 node stands for a frozen weight.
+
+A node class declares, in one place, everything the rest of jpeft needs to know of it:
+
+* ``kind``: its registry name, for adapter nodes (saved in checkpoints; None for a node
+  that only stands in for a frozen weight, such as NF4);
+* ``trainable_fields``: which fields train (the optax mask, :func:`split`, the counts);
+* ``base_field``: the field holding the base weight it adapts, dropped by :func:`extract`
+  and filled again by :func:`attach` (None: the node replaces the weight whole);
+* ``rng_field`` and :meth:`Node.rng_shape`: where per-layer PRNG keys go in a training step
+  (:func:`with_rng`), e.g. for dropout;
+* :meth:`Node.adapted_shape` and :meth:`Node.parameter_count`;
+* how it computes: rules registered with :func:`jpeft.nn.register` (``linear``, ``embed``,
+  ``attend``, ``value``). A node without a ``value`` rule does not fold into the weights,
+  and :func:`materialize` (every method's ``merge``) refuses it with an error naming it.
+
+Nothing in checkpoints, training or the CLI names a method: they go through this protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -21,16 +35,55 @@ import numpy as np
 
 from jpeft import nn
 
+_KINDS: dict[str, type] = {}
+
 
 class Node:
     """Base of pytree nodes that stand in for a weight array in a parameter tree.
 
     Subclasses are dataclasses registered with :func:`jax.tree_util.register_dataclass`
-    (see :func:`node`) and list in `trainable_fields` which of their fields hold trainable
-    arrays. A node may wrap another node (LoRA over an NF4 weight is QLoRA).
+    (see :func:`node`) and declare the class attributes below (see the module docstring).
+    A node may wrap another node (LoRA over an NF4 weight is QLoRA).
+
+    Example::
+
+      @tree.node
+      class ChannelScale(tree.Node):   # y = (x @ w) * s
+          w: Any
+          s: jax.Array
+          kind = "channel_scale"
+          trainable_fields = ("s",)
+          base_field = "w"
+
+          def adapted_shape(self):
+              return (*self.s.shape[:-1], -1, self.s.shape[-1])   # -1: any fan-in
+
+      nn.register("linear", ChannelScale)(lambda x, n: nn.linear(x, n.w) * n.s)
     """
 
+    kind: ClassVar[str | None] = None
     trainable_fields: ClassVar[tuple[str, ...]] = ()
+    base_field: ClassVar[str | None] = None
+    rng_field: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            known = _KINDS.get(kind)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise ValueError(f"node kind {kind!r} is taken by {known.__qualname__}")
+            _KINDS[kind] = cls
+
+    def rng_shape(self) -> tuple[int, ...] | None:
+        """The shape of the PRNG keys this node takes in a training step (one per layer of a
+        stacked weight), or None when it takes none (e.g. dropout 0)."""
+        return None
+
+    def adapted_shape(self) -> tuple[int, ...]:
+        """The shape of the weight this node adapts, from its own fields (-1 where any size
+        fits); :func:`attach` checks the base weight against it."""
+        return tuple(nn.shape(getattr(self, self.base_field or "w")))
 
     def parameter_count(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts of this node, as Hugging Face PEFT counts
@@ -77,6 +130,7 @@ class Trainable(Node):
     w: jax.Array
     copied: bool = static(False)
 
+    kind: ClassVar[str] = "trainable"
     trainable_fields: ClassVar[tuple[str, ...]] = ("w",)
 
     def parameter_count(self) -> tuple[int, int]:
@@ -94,11 +148,97 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, Node)
 
 
+def node_type(kind: str) -> type:
+    """The node class registered under `kind`.
+
+    Raises:
+      KeyError: no node class has that kind (the message lists the known ones).
+    """
+    if kind not in _KINDS:
+        raise KeyError(f"unknown adapter node kind {kind!r}; known: {sorted(_KINDS)}")
+    return _KINDS[kind]
+
+
 def materialize(params: Any) -> Any:
-    """Replaces every node by the dense array it stands for (:func:`jpeft.nn.value`)."""
-    return jax.tree.map(
-        lambda x: nn.value(x) if isinstance(x, Node) else x, params, is_leaf=_is_node
-    )
+    """Replaces every node by the dense array it stands for (:func:`jpeft.nn.value`).
+
+    Raises:
+      TypeError: a node with no dense value (a method that does not fold into the weights),
+        named in the message.
+    """
+
+    def dense(x: Any) -> Any:
+        if isinstance(x, Node) and not nn.has_rule("value", x):
+            raise TypeError(
+                f"{type(x).__name__} ({x.kind or 'a weight stand-in'}) does not fold into "
+                "the base weights: merge is not supported for this method"
+            )
+        return nn.value(x) if isinstance(x, Node) else x
+
+    return jax.tree.map(dense, params, is_leaf=_is_node)
+
+
+def extract(params: Any) -> dict:
+    """The adapter alone: a tree holding only the adapter nodes (those with a ``kind``),
+    each without its base weight and PRNG keys. Small enough to save."""
+    out: dict = {}
+    for keys, value in iter_nodes(params):
+        if isinstance(value, Node) and value.kind is not None:
+            drop = {name: None for name in (value.base_field, value.rng_field) if name}
+            set_path(out, keys, dataclasses.replace(value, **drop))
+    return out
+
+
+def attach(base_params: Any, adapter: dict) -> Any:
+    """Puts an adapter from :func:`extract` back onto a base tree.
+
+    Raises:
+      ValueError: an adapter entry with no counterpart in the base, or a shape mismatch
+        (naming the path and both shapes).
+    """
+    new = copy_dicts(base_params)
+    for keys, value in iter_nodes(adapter):
+        path = ".".join(map(str, keys))
+        if not isinstance(value, Node):
+            raise TypeError(f"adapter entry {path} is a {type(value).__name__}, not a node")
+        try:
+            base = get_path(new, keys)
+        except (KeyError, TypeError):
+            raise ValueError(f"adapter entry {path} has no counterpart in the base tree") from None
+        base_shape = tuple(nn.shape(base))
+        want = tuple(value.adapted_shape())
+        fits = len(want) == len(base_shape) and all(
+            w in (-1, b) for w, b in zip(want, base_shape, strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                f"adapter entry {path} fits a weight of shape {want}, but the base has {base_shape}"
+            )
+        if value.base_field is not None:
+            value = dataclasses.replace(value, **{value.base_field: base})
+        set_path(new, keys, value)
+    return new
+
+
+def copy_dicts(params: Any) -> Any:
+    """A copy of the dict spine of a tree (arrays and nodes shared), safe to assign into."""
+    if isinstance(params, dict):
+        return {k: copy_dicts(v) for k, v in params.items()}
+    return params
+
+
+def get_path(params: Any, keys: Sequence) -> Any:
+    """``params[k0][k1]...`` for the keys of a path."""
+    for key in keys:
+        params = params[key]
+    return params
+
+
+def set_path(params: dict, keys: Sequence, value: Any) -> None:
+    """``params[k0][k1]... = value``, creating the dicts on the way."""
+    for key in keys[:-1]:
+        params = params.setdefault(key, {})
+    params[keys[-1]] = value
 
 
 def path_keys(path: tuple) -> tuple:
@@ -202,16 +342,16 @@ def print_trainable_parameters(params: Any) -> None:
 
 
 def with_rng(params: Any, key: jax.Array) -> Any:
-    """Gives every node with input dropout (a ``dropout_key`` field and ``dropout > 0``)
-    fresh PRNG keys, one per layer, derived from `key` and the node's path. Call it inside
-    the training step; trees without it run without dropout (inference)."""
+    """Gives every node that takes PRNG keys (:meth:`Node.rng_shape`, e.g. LoRA with
+    dropout) fresh keys in its ``rng_field``, derived from `key` and the node's path. Call
+    it inside the training step; trees without it run without randomness (inference)."""
 
     def fill(path: str, value: Any) -> Any:
-        if getattr(value, "dropout", 0) <= 0 or not hasattr(value, "dropout_key"):
+        shape = value.rng_shape() if isinstance(value, Node) else None
+        if shape is None:
             return value
         node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
-        layers = jnp.shape(value.scale)
-        keys = jax.random.split(node_key, int(np.prod(layers))).reshape(layers)
-        return dataclasses.replace(value, dropout_key=keys)
+        keys = jax.random.split(node_key, int(np.prod(shape))).reshape(shape)
+        return dataclasses.replace(value, **{value.rng_field: keys})
 
     return map_nodes(fill, params)

@@ -7,9 +7,9 @@ their own `add` functions.
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jpeft
@@ -43,20 +43,27 @@ def check_jit_equals_eager(model, params, data):
 
 
 def check_gradients_only_on_adapters(model, params, data, trainable_names):
-    """Every trainable leaf's path ends in one of `trainable_names`; each gets a gradient."""
+    """Every trainable leaf's path ends in one of `trainable_names`, and every one of them
+    gets a non-zero gradient once the adapter is moved off its init (at an identity init
+    some factors get none: LoRA's A while B is zero)."""
     trainable, frozen = jpeft.split(params)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
     assert paths, "nothing is trainable"
     assert all(any(p.endswith(n) for n in trainable_names) for p in paths), paths
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noise = [
+        0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+    moved = treedef.unflatten([x + n for x, n in zip(leaves, noise, strict=True)])
 
     def loss(t):
         total, count = train.causal_lm_loss(model, jpeft.combine(t, frozen), data)
         return total / count
 
-    grads = jax.grad(loss)(trainable)
-    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
-    norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
-    assert any(n > 0 for n in norms)
+    grads = jax.grad(loss)(moved)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert float(jnp.abs(g).sum()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
 
 
 def run_steps(model, params, data, steps: int, learning_rate: float = 1e-2):
@@ -66,11 +73,13 @@ def run_steps(model, params, data, steps: int, learning_rate: float = 1e-2):
     optimizer = optax.adam(learning_rate)
     opt_state = optimizer.init(trainable)
     step = train.make_train_step(model, optimizer, donate=False)
+    dtypes = [x.dtype for x in jax.tree.leaves(trainable)]
     losses = []
     for i in range(steps):
         trainable, opt_state, metrics = step(trainable, frozen, opt_state, data, jax.random.key(i))
         losses.append(float(metrics["loss"]))
-    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
+    assert [x.dtype for x in jax.tree.leaves(trainable)] == dtypes  # a step keeps every dtype
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(np.asarray(after), before)  # base bitwise unchanged
     return jpeft.combine(trainable, frozen), losses, step
 
@@ -83,8 +92,21 @@ def check_merge_equals_unmerged(model, params, merge, data):
     np.testing.assert_allclose(np.asarray(out_merged), np.asarray(out), atol=MERGE_TOLERANCE)
 
 
-def check_all(model, params, add, merge, data, trainable_names):
-    """Every contract check; returns the trained parameters."""
+def check_save_load_round_trip(base, params, directory):
+    """The adapter saved with Orbax and loaded onto `base` gives back every leaf bitwise."""
+    jpeft.save_adapter(params, directory)
+    loaded = jpeft.load_adapter(base, directory)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(loaded), strict=True
+    ):
+        assert np.asarray(got).dtype == np.asarray(want).dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def check_all(model, params, add, merge, data, trainable_names, directory):
+    """Every contract check (adapter checkpoints go to `directory`); returns the trained
+    parameters."""
     check_identity_at_init(model, params, add, data)
     adapted = add(params, jax.random.key(0))
     check_jit_equals_eager(model, adapted, data)
@@ -92,5 +114,6 @@ def check_all(model, params, add, merge, data, trainable_names):
     trained, losses, step = run_steps(model, adapted, data, steps=8)
     assert losses[-1] < losses[0], losses  # overfitting one batch
     assert step._cache_size() == 1  # the second step compiled nothing
+    check_save_load_round_trip(params, trained, directory)
     check_merge_equals_unmerged(model, trained, merge, data)
     return trained

@@ -34,7 +34,7 @@ def tiny(request, tmp_path_factory):
     {"lora_dropout": 0.1, "target_modules": "all-linear"},
     {"layers_to_transform": [1], "bias": "all"},
 ])
-def test_contract(tiny, options):
+def test_contract(tiny, options, tmp_path):
     kind, _, model, params = tiny
     options = dict(options)
     if kind == "gpt2" and options.get("target_modules") is None:
@@ -45,7 +45,7 @@ def test_contract(tiny, options):
         return lora.apply(p, config=config, key=key)
 
     names = [".a", ".b"] + ([".w"] if config.bias != "none" else [])
-    contract.check_all(model, params, add, lora.merge, contract.batch(97), names)
+    contract.check_all(model, params, add, lora.merge, contract.batch(97), names, tmp_path)
 
 
 def _peft_line(model) -> str:

@@ -88,11 +88,11 @@ def _valid(data):
     return data["attention_mask"].astype(bool)
 
 
-def test_contract_with_an_nf4_base(tiny_llama):
+def test_contract_with_an_nf4_base(tiny_llama, tmp_path):
     """The LoRA contract over a 4-bit base (QLoRA's setting: NF4, double quantisation, every
     linear adapted): identity at init, jit equals eager, gradients on the LoRA factors
-    only, the NF4 base bitwise unchanged, one compile, merge equals the factored forward,
-    and the loss falls."""
+    only, the NF4 base bitwise unchanged, one compile, save/load exact, merge equals the
+    factored forward, and the loss falls."""
     model, params = tiny_llama
     base = qlora.quantize(params, compute_dtype=jnp.float32)
     config = lora.LoraConfig(r=4, target_modules="all-linear")
@@ -100,7 +100,9 @@ def test_contract_with_an_nf4_base(tiny_llama):
     def add(p, key):
         return lora.apply(p, config=config, key=key)
 
-    trained = contract.check_all(model, base, add, lora.merge, contract.batch(97), [".a", ".b"])
+    trained = contract.check_all(
+        model, base, add, lora.merge, contract.batch(97), [".a", ".b"], tmp_path / "adapter"
+    )
     q_proj = trained["model"]["layers"]["self_attn"]["q_proj"]["weight"]
     assert isinstance(q_proj, lora.LoraWeight) and isinstance(q_proj.w, nf4.NF4Weight)
 
