@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.models import decoder
+from jpeft.models import decoder, virtual_tokens
 
 _BUCKET = 32  # prompt lengths are padded to a multiple of this, bounding recompilation
 
@@ -158,7 +158,8 @@ def _decode(
     greedy,
 ):
     batch, prompt_len = input_ids.shape
-    cache = model.init_cache(batch, prompt_len + max_new_tokens, _compute_dtype(model, params))
+    slots = virtual_tokens.prompt_length(model, params) + prompt_len + max_new_tokens
+    cache = model.init_cache(batch, slots, _compute_dtype(model, params))
     hidden, cache = model.hidden_states(
         params, input_ids, attention_mask=attention_mask, cache=cache
     )
@@ -182,7 +183,7 @@ def _decode(
 
     def body(state):
         step, token, cache, done, out, key = state
-        hidden, cache = model.hidden_states(params, token[:, None], cache=cache)
+        hidden, cache = model.hidden_states(params, token[:, None], cache=cache, continues=True)
         key, step_key = jax.random.split(key)
         token = jnp.where(done, filler, pick(hidden[:, -1], step_key))
         out = out.at[:, step].set(token)
@@ -205,5 +206,5 @@ def _sample(logits: jax.Array, top_p: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def _compute_dtype(model: decoder.DecoderLM, params: dict) -> Any:
-    table = decoder._get(params, model.embed_path)["weight"]
+    table = model.embedding(params)
     return table.dtype if isinstance(table, jax.Array) else jnp.float32

@@ -126,7 +126,7 @@ def test_inputs_embeds_equal_ids(tiny, kind):
     t = tiny(kind)
     ids = jnp.asarray(_ids((BATCH, STEPS), seed=2))
     mask = jnp.asarray(_left_padded_mask(BATCH, STEPS, pads=(0, 3)))
-    table = jpeft.models.decoder._get(t.params, t.model.embed_path)["weight"]
+    table = t.model.embedding(t.params)
     embeds = jnp.take(table, ids, axis=0)
     from_ids = _forward(t.model, t.params, ids, mask)
     from_embeds = _forward_embeds(t.model, t.params, embeds, mask)

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.hf import checkpoints
-from jpeft.models import decoder, gpt2, llama
-from jpeft.models.decoder import DecoderLM, KVCache, KVPrefix
+from jpeft.models import decoder, gpt2, llama, virtual_tokens
+from jpeft.models.decoder import DecoderLM, KVCache
+from jpeft.models.virtual_tokens import KVPrefix
 
 _REGISTRY = {
     **{name: (llama.LlamaConfig, llama.Llama) for name in llama.MODEL_TYPES},
@@ -37,6 +38,7 @@ __all__ = [
     "llama",
     "load_tokenizer",
     "to_hf_state_dict",
+    "virtual_tokens",
 ]
 
 

@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jpeft import nn
+from jpeft import nn, tree
 from jpeft.hf import checkpoints
+from jpeft.models import virtual_tokens
+from jpeft.models.virtual_tokens import KVPrefix
 
 _FULL_ATTENTION = np.iinfo(np.int32).max  # the window of a layer without sliding window
 
@@ -56,17 +58,6 @@ class KVCache(NamedTuple):
     valid: jax.Array
     length: jax.Array
     next_position: jax.Array
-
-
-class KVPrefix(NamedTuple):
-    """Per-layer keys and values that every query attends to (prefix tuning).
-
-    Attributes:
-      k, v: ``[l, b, p, k, h]`` for a prefix of ``p`` virtual tokens.
-    """
-
-    k: jax.Array
-    v: jax.Array
 
 
 SAVED_ACTIVATIONS: dict[str, tuple[str, ...]] = {
@@ -231,13 +222,17 @@ class DecoderLM(abc.ABC):
     def logits(self, params: dict, hidden: jax.Array) -> jax.Array:
         """The output head: ``[..., d]`` final hidden states to ``[..., v]`` logits."""
         if self.tied:
-            return nn.attend(hidden, _get(params, self.embed_path)["weight"])
-        return nn.linear(hidden, _get(params, self.head_path)["weight"])
+            return nn.attend(hidden, self.embedding(params))
+        return nn.linear(hidden, tree.get_path(params, self.head_path)["weight"])
+
+    def embedding(self, params: dict) -> Any:
+        """The ``[v, d]`` token embedding table (an array or a parameter node)."""
+        return tree.get_path(params, self.embed_path)["weight"]
 
     def head_weight(self, params: dict) -> Any:
         """The output head's weight: the ``[v, d]`` embedding table when tied, else the
         ``[d, v]`` head (an array or a parameter node)."""
-        return _get(params, self.embed_path if self.tied else self.head_path)["weight"]
+        return tree.get_path(params, self.embed_path if self.tied else self.head_path)["weight"]
 
     def hidden_states(
         self,
@@ -250,14 +245,26 @@ class DecoderLM(abc.ABC):
         kv_prefix: KVPrefix | None = None,
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
+        continues: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states ``[b, t, d]`` and the updated cache.
 
         With a `cache`, the ``t`` new tokens are written at slots ``[length, length + t)``
-        and attend to every valid slot before them; the returned cache holds them.
+        and attend to every valid slot before them; the returned cache holds them. The
+        virtual tokens of ``params["virtual_tokens"]`` (:mod:`jpeft.models.virtual_tokens`)
+        are applied here; ``continues=True`` says that the tokens continue a sequence already in
+        the cache (decoding), so that its soft prompt, cached by the first call, is not
+        prepended again.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        prompt, prefix = virtual_tokens.read(self, params)
+        if prefix is not None:
+            if kv_prefix is not None:
+                raise ValueError(f"pass kv_prefix or a prefix in params[{virtual_tokens.ENTRY!r}]")
+            kv_prefix = prefix
+        if continues:
+            prompt = None
         if segment_ids is not None and (cache is not None or kv_prefix is not None):
             raise ValueError("segment_ids (packing) cannot be combined with a cache or prefix")
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -267,7 +274,21 @@ class DecoderLM(abc.ABC):
             if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool)
         )
+        if kv_prefix is not None:
+            kv_prefix = virtual_tokens.batched(kv_prefix, batch)
+        virtual = 0 if prompt is None else prompt.shape[0]
+        if prompt is not None:
+            if segment_ids is not None or positions is not None:
+                raise ValueError(
+                    "a soft prompt (params['virtual_tokens']['prompt']) cannot be combined "
+                    "with segment_ids (packing) or explicit positions"
+                )
+            embeds = tokens if tokens.ndim == 3 else nn.embed(tokens, self.embedding(params))
+            tokens, new_valid = virtual_tokens.prepend(prompt, embeds, new_valid)
+            steps += virtual
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.next_position
+        if kv_prefix is not None:  # the prefix holds positions 0..p-1, as in HF PEFT
+            start = start + kv_prefix.k.shape[2]
         if positions is None and segment_ids is not None:
             positions = _positions_within_segments(segment_ids)
         elif positions is None:
@@ -317,7 +338,7 @@ class DecoderLM(abc.ABC):
         if self.remat is not None:
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
         xs = (
-            _get(params, self.layers_path),
+            tree.get_path(params, self.layers_path),
             cache_k,
             cache_v,
             None if kv_prefix is None else kv_prefix.k,
@@ -325,15 +346,18 @@ class DecoderLM(abc.ABC):
             jnp.asarray(self.layer_windows()),
         )
         h, (new_k, new_v) = jax.lax.scan(body, h, xs)
-        h = self._final_norm(params, h)
+        h = self._final_norm(params, h)[:, virtual:]
         if cache is None:
             return h, None
+        next_position = start + new_valid.sum(-1, dtype=jnp.int32)
+        if kv_prefix is not None:  # positions are counted apart from the prefix
+            next_position = next_position - kv_prefix.k.shape[2]
         new_cache = KVCache(
             k=new_k,
             v=new_v,
             valid=key_valid,
             length=cache.length + steps,
-            next_position=start + new_valid.sum(-1, dtype=jnp.int32),
+            next_position=next_position,
         )
         return h, new_cache
 
@@ -411,7 +435,7 @@ class DecoderLM(abc.ABC):
         def put(path: tuple[str, ...], array: np.ndarray, transposed: bool) -> None:
             leaf = convert(array, transposed)
             del array
-            _set(params, path, leaf if transform is None else transform(path, leaf))
+            tree.set_path(params, path, leaf if transform is None else transform(path, leaf))
 
         for name in global_shapes:
             put(tuple(name.split(".")), np.asarray(tensors[name]), self._hf_transposed(name))
@@ -434,7 +458,7 @@ class DecoderLM(abc.ABC):
         out: dict[str, np.ndarray] = {}
 
         def plain(path: tuple[str, ...]) -> np.ndarray:
-            leaf = _get(params, path)
+            leaf = tree.get_path(params, path)
             if not isinstance(leaf, (jax.Array, np.ndarray)):
                 raise TypeError(
                     f"{'.'.join(path)} is a {type(leaf).__name__}, not an array: merge "
@@ -463,18 +487,6 @@ def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
     )
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _few(names: list[str], limit: int = 5) -> str:
