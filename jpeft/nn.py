@@ -128,6 +128,13 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
     return (table @ rows.T).T.reshape(*x.shape[:-1], table.shape[0])
 
 
+def output_head(hidden: jax.Array, weight: Any, tied: bool) -> jax.Array:
+    """Logits ``[..., v]`` of final hidden states ``[..., d]``: through the ``[v, d]``
+    embedding table when the head is `tied` to it (:func:`attend`), else through the
+    ``[d, v]`` head weight (:func:`linear`)."""
+    return attend(hidden, weight) if tied else linear(hidden, weight)
+
+
 _OP_FUNCTIONS = {"linear": linear, "embed": embed, "attend": attend}
 
 

@@ -44,7 +44,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -281,11 +280,8 @@ def make_sharded_train_step(
     *,
     rules: Rules = (),
     min_shard_size: int = MIN_SHARD_SIZE,
-    grad_accum: int = 1,
-    max_grad_norm: float | None = 1.0,
-    remat: str | None | object = dataclasses.MISSING,
-    loss: Callable[..., tuple[jax.Array, jax.Array]] = train.causal_lm_loss,
     donate: bool = True,
+    **options: Any,
 ) -> Callable:
     """The step of :func:`jpeft.train.make_train_step`, jitted over a mesh.
 
@@ -299,8 +295,8 @@ def make_sharded_train_step(
       model, optimizer: as for :func:`jpeft.train.make_train_step`.
       mesh: the mesh from :func:`make_mesh`.
       rules, min_shard_size: as for :func:`train_specs` (the same as given to :func:`place`).
-      grad_accum, max_grad_norm, remat, loss, donate: as for
-        :func:`jpeft.train.make_train_step`.
+      donate: as for :func:`jpeft.train.make_train_step`.
+      **options: the fields of :class:`jpeft.train.StepOptions`.
 
     Returns:
       ``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)``;
@@ -312,15 +308,9 @@ def make_sharded_train_step(
       trainable, opt_state, metrics = step(trainable, frozen, opt_state,
                                            parallel.shard_batch(batch, mesh), key)
     """
-    body = train.train_step_fn(
-        model,
-        optimizer,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        remat=remat,
-        loss=loss,
-    )
-    batch_spec = _batch_spec(grad_accum)
+    options = train.StepOptions(**options)
+    body = train.train_step_fn(model, optimizer, options)
+    batch_spec = _batch_spec(options.grad_accum)
 
     def step(trainable, frozen, opt_state, batch, key):
         specs = train_specs(
@@ -346,10 +336,7 @@ def make_pmap_train_step(
     *,
     axis_name: str = DATA,
     devices: Sequence[jax.Device] | None = None,
-    grad_accum: int = 1,
-    max_grad_norm: float | None = 1.0,
-    remat: str | None | object = dataclasses.MISSING,
-    loss: Callable[..., tuple[jax.Array, jax.Array]] = train.causal_lm_loss,
+    **options: Any,
 ) -> Callable:
     """The step of :func:`jpeft.train.make_train_step` under :func:`jax.pmap`.
 
@@ -368,7 +355,7 @@ def make_pmap_train_step(
       axis_name: the name of the mapped axis.
       devices: the devices to map over (default: all local devices; in a multi-process run
         the sums span every process's devices).
-      grad_accum, max_grad_norm, remat, loss: as for :func:`jpeft.train.make_train_step`.
+      **options: the fields of :class:`jpeft.train.StepOptions`.
 
     Returns:
       ``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)``.
@@ -383,15 +370,7 @@ def make_pmap_train_step(
       batch = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
       trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, key)
     """
-    body = train.train_step_fn(
-        model,
-        optimizer,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        remat=remat,
-        loss=loss,
-        axis_name=axis_name,
-    )
+    body = train.train_step_fn(model, optimizer, train.StepOptions(**options), axis_name=axis_name)
 
     def step(trainable, frozen, opt_state, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))

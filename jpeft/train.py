@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,10 +109,6 @@ def _head_nll(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, ja
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.float32), grad
 
 
-def _head_logits(h: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
-    return nn.attend(h, w) if tied else nn.linear(h, w)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused_head_nll(
     h: jax.Array, w: jax.Array, y: jax.Array, tied: bool
@@ -125,7 +122,7 @@ def _fused_head_nll(
 
 
 def _fused_head_nll_fwd(h, w, y, tied):
-    loss, count, grad = _head_nll(_head_logits(h, w, tied), y)
+    loss, count, grad = _head_nll(nn.output_head(h, w, tied), y)
     grad = grad.astype(h.dtype)
     dh = grad @ w.astype(h.dtype) if tied else grad @ w.astype(h.dtype).T
     return (loss, count), (dh, h, w, y)
@@ -134,7 +131,7 @@ def _fused_head_nll_fwd(h, w, y, tied):
 def _fused_head_nll_bwd(tied, residuals, cotangents):
     dh, h, w, y = residuals
     scale = cotangents[0]
-    _, _, grad = _head_nll(_head_logits(h, w, tied), y)
+    _, _, grad = _head_nll(nn.output_head(h, w, tied), y)
     rows, grad = h.reshape(-1, h.shape[-1]), grad.reshape(-1, grad.shape[-1]).astype(h.dtype)
     dw = grad.T @ rows if tied else rows.T @ grad
     zero_y = np.zeros(y.shape, jax.dtypes.float0)
@@ -144,22 +141,47 @@ def _fused_head_nll_bwd(tied, residuals, cotangents):
 _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd)
 
 
+_MODEL_REMAT = object()  # StepOptions.remat unset: keep the model's own policy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepOptions:
+    """What every form of the train step takes (:func:`make_train_step`,
+    :func:`jpeft.parallel.make_sharded_train_step`, :func:`jpeft.parallel.make_pmap_train_step`
+    accept these fields as keyword arguments).
+
+    Attributes:
+      grad_accum: micro-batches per step; batch arrays are then ``[grad_accum, b, t]`` and
+        the loss is normalised by the tokens of all micro-batches together.
+      max_grad_norm: clip the global gradient norm to this (None: no clipping).
+      remat: override the model's layer remat policy (see
+        :data:`jpeft.models.decoder.SAVED_ACTIVATIONS`; None: off; unset: the model's).
+      loss: ``loss(model, params, batch) -> (loss_sum, token_count)``.
+    """
+
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    remat: str | None | object = _MODEL_REMAT
+    loss: Callable[..., tuple[jax.Array, jax.Array]] = causal_lm_loss
+
+    def __post_init__(self):
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be an integer of at least 1, got {self.grad_accum}")
+
+
 def train_step_fn(
     model: decoder.DecoderLM,
     optimizer: optax.GradientTransformation,
+    options: StepOptions | None = None,
     *,
-    grad_accum: int = 1,
-    max_grad_norm: float | None = 1.0,
-    remat: str | None | object = dataclasses.MISSING,
-    loss: Callable[..., tuple[jax.Array, jax.Array]] = causal_lm_loss,
     axis_name: str | None = None,
 ) -> Callable:
     """The un-jitted step of :func:`make_train_step`, for wrapping in :func:`jax.jit` with
     shardings or in :func:`jax.pmap` (see :mod:`jpeft.parallel`).
 
     Args:
-      model, optimizer, grad_accum, max_grad_norm, remat, loss: as in
-        :func:`make_train_step`.
+      model, optimizer: as in :func:`make_train_step`.
+      options: the step's :class:`StepOptions` (None: the defaults).
       axis_name: a mapped axis (of :func:`jax.pmap` or :func:`jax.shard_map`) over which
         the loss sums, token counts and gradients are summed (:func:`jax.lax.psum`) before
         the division by the token count, so that each device computes the update of the
@@ -168,10 +190,10 @@ def train_step_fn(
     Returns:
       ``step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, metrics)``.
     """
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
-    if remat is not dataclasses.MISSING:
-        model = dataclasses.replace(model, remat=remat)
+    options = options or StepOptions()
+    grad_accum, max_grad_norm, loss = options.grad_accum, options.max_grad_norm, options.loss
+    if options.remat is not _MODEL_REMAT:
+        model = dataclasses.replace(model, remat=options.remat)
 
     def summed_loss(trainable, frozen, batch, key):
         params = tree.with_rng(tree.combine(trainable, frozen), key)
@@ -215,11 +237,8 @@ def make_train_step(
     model: decoder.DecoderLM,
     optimizer: optax.GradientTransformation,
     *,
-    grad_accum: int = 1,
-    max_grad_norm: float | None = 1.0,
-    remat: str | None | object = dataclasses.MISSING,
-    loss: Callable[..., tuple[jax.Array, jax.Array]] = causal_lm_loss,
     donate: bool = True,
+    **options: Any,
 ) -> Callable:
     """A jitted step ``(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
     metrics)``.
@@ -227,13 +246,9 @@ def make_train_step(
     Args:
       model: the model.
       optimizer: an optax transformation over the trainable half (``optimizer.init(trainable)``).
-      grad_accum: micro-batches per step; batch arrays are then ``[grad_accum, b, t]`` and the
-        loss is normalised by the tokens of all micro-batches together.
-      max_grad_norm: clip the global gradient norm to this (None: no clipping).
-      remat: override the model's layer remat policy (see
-        :data:`jpeft.models.decoder.SAVED_ACTIVATIONS`; None: off).
-      loss: ``loss(model, params, batch) -> (loss_sum, token_count)``.
       donate: donate the trainable and optimizer-state buffers to the step.
+      **options: the fields of :class:`StepOptions` (``grad_accum``, ``max_grad_norm``,
+        ``remat``, ``loss``).
 
     Returns:
       The step. ``metrics`` holds ``loss`` (mean per token), ``grad_norm`` (before
@@ -246,19 +261,5 @@ def make_train_step(
       step = jpeft.train.make_train_step(model, optimizer)
       trainable, opt_state, metrics = step(trainable, frozen, optimizer.init(trainable), batch, key)
     """
-    step = train_step_fn(
-        model,
-        optimizer,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        remat=remat,
-        loss=loss,
-    )
+    step = train_step_fn(model, optimizer, StepOptions(**options))
     return jax.jit(step, donate_argnums=(0, 2) if donate else ())
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def evaluate_loss(model: decoder.DecoderLM, params: dict, batch: dict) -> jax.Array:
-    """Mean next-token cross-entropy of a batch (no dropout, no gradient)."""
-    loss_sum, tokens = causal_lm_loss(model, params, batch)
-    return loss_sum / jnp.maximum(tokens, 1.0)

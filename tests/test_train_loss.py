@@ -94,3 +94,20 @@ def test_a_trained_head_node_gets_its_gradient(tmp_path):
     _assert_trees_close(got, want)
     head = got["lm_head"]["weight"]
     assert float(jnp.abs(jax.tree.leaves(head)[0]).max()) > 0
+
+
+def test_every_step_factory_takes_the_same_options_and_names_a_wrong_one():
+    import optax
+
+    from jpeft import parallel
+
+    optimizer = optax.sgd(1.0)
+    factories = (train.make_train_step, parallel.make_pmap_train_step)
+    for make in factories:
+        with pytest.raises(TypeError, match="grad_acum"):
+            make(None, optimizer, grad_acum=2)
+        with pytest.raises(ValueError, match="grad_accum must be an integer of at least 1, got 0"):
+            make(None, optimizer, grad_accum=0)
+    mesh = parallel.make_mesh()
+    with pytest.raises(TypeError, match="max_grad"):
+        parallel.make_sharded_train_step(None, optimizer, mesh, max_grad=1.0)
