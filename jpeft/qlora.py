@@ -38,7 +38,7 @@ import safetensors.numpy
 from jpeft import lora, models, nn, tree
 from jpeft import targets as targeting
 from jpeft.hf import checkpoints
-from jpeft.models import decoder
+from jpeft.models import decoder, hf_layout
 from jpeft.quant import nf4
 
 WEIGHTS_FILE = "model.safetensors"
@@ -299,7 +299,7 @@ def from_pretrained_4bit(
         return dense[name]
 
     params: dict = {}
-    for hf_name, path_keys, layers, transposed, shape in _layout(model):
+    for hf_name, path_keys, layers, transposed, shape in model.hf_layout():
         if layers is None:
             value = load(hf_name, shape, transposed)
         else:
@@ -309,19 +309,11 @@ def from_pretrained_4bit(
                 path,
             )
         if not isinstance(value, nf4.NF4Weight):
-            value = _convert(value, transposed, dtype)
+            value = hf_layout.to_jax(value, transposed, dtype)
         tree.set_path(params, path_keys, value)
-    ignored = [re.compile(p) for p in model._hf_ignored]
-    head = ".".join(model.head_path) + ".weight"
     unexpected = sorted(
         (set(states) - used)
-        | {
-            name
-            for name in dense
-            if name not in used
-            and not any(p.search(name) for p in ignored)
-            and not (model.tied and name == head)
-        }
+        | {name for name in dense if name not in used and not model.is_hf_extra(name)}
     )
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -360,7 +352,7 @@ def save_pretrained_4bit(
     """
     tensors: dict[str, np.ndarray] = {}
     nodes: list[nf4.NF4Weight] = []
-    for hf_name, path_keys, layers, transposed, _ in _layout(model):
+    for hf_name, path_keys, layers, transposed, _ in model.hf_layout():
         value = tree.get_path(params, path_keys)
         if isinstance(value, tree.Node) and not isinstance(value, nf4.NF4Weight):
             raise ValueError(
@@ -448,24 +440,6 @@ def _split_quantised(
     return states, dense
 
 
-def _layout(model: decoder.DecoderLM):
-    """``(HF name, tree path, layers, transposed, HF shape)`` of each parameter; the HF name
-    of a stacked one holds ``{}`` for the layer index and `layers` is their range (None for
-    the others)."""
-    global_shapes, layer_shapes = model.hf_shapes()
-    for name, shape in global_shapes.items():
-        yield name, tuple(name.split(".")), None, model._hf_transposed(name), shape
-    prefix = ".".join(model.layers_path)
-    for suffix, shape in layer_shapes.items():
-        yield (
-            f"{prefix}.{{}}.{suffix}",
-            model.layers_path + tuple(suffix.split(".")),
-            range(model.num_layers),
-            model._hf_transposed(suffix),
-            shape,
-        )
-
-
 def _stack(values: list[Any], name: str, path: Path) -> Any:
     """One stacked entry from per-layer arrays or per-layer NF4 nodes."""
     quantised = [isinstance(v, nf4.NF4Weight) for v in values]
@@ -484,12 +458,3 @@ def _stack(values: list[Any], name: str, path: Path) -> Any:
             "needs one"
         )
     return jax.tree.map(lambda *arrays: jnp.stack(arrays), *values)
-
-
-def _convert(array: np.ndarray, transposed: bool, dtype: Any) -> jax.Array:
-    array = np.swapaxes(array, -1, -2) if transposed else array
-    if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
-        return jnp.asarray(array, dtype=dtype)
-    return jnp.asarray(array)
-
-

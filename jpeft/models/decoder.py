@@ -32,8 +32,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jpeft import nn, tree
-from jpeft.hf import checkpoints
-from jpeft.models import virtual_tokens
+from jpeft.models import hf_layout, virtual_tokens
+from jpeft.models.hf_layout import HFEntry
 from jpeft.models.virtual_tokens import KVPrefix
 
 _FULL_ATTENTION = np.iinfo(np.int32).max  # the window of a layer without sliding window
@@ -221,9 +221,7 @@ class DecoderLM(abc.ABC):
 
     def logits(self, params: dict, hidden: jax.Array) -> jax.Array:
         """The output head: ``[..., d]`` final hidden states to ``[..., v]`` logits."""
-        if self.tied:
-            return nn.attend(hidden, self.embedding(params))
-        return nn.linear(hidden, tree.get_path(params, self.head_path)["weight"])
+        return nn.output_head(hidden, self.head_weight(params), self.tied)
 
     def embedding(self, params: dict) -> Any:
         """The ``[v, d]`` token embedding table (an array or a parameter node)."""
@@ -374,9 +372,33 @@ class DecoderLM(abc.ABC):
 
     # ------------------------------------------------------------------ HF layout
 
-    @property
-    def _hf_layers_prefix(self) -> str:
-        return ".".join(self.layers_path)
+    def hf_layout(self) -> list[HFEntry]:
+        """Every HF parameter of this model and where it lives in the tree: the one
+        description that loading, saving and the bitsandbytes 4-bit format all follow."""
+        global_shapes, layer_shapes = self.hf_shapes()
+        entries = [
+            HFEntry(name, tuple(name.split(".")), None, self._hf_transposed(name), shape)
+            for name, shape in global_shapes.items()
+        ]
+        prefix = ".".join(self.layers_path)
+        entries += [
+            HFEntry(
+                f"{prefix}.{{}}.{suffix}",
+                self.layers_path + tuple(suffix.split(".")),
+                range(self.num_layers),
+                self._hf_transposed(suffix),
+                shape,
+            )
+            for suffix, shape in layer_shapes.items()
+        ]
+        return entries
+
+    def is_hf_extra(self, name: str) -> bool:
+        """Whether an HF tensor that is not a parameter of :meth:`hf_layout` may be ignored:
+        a buffer (rotary frequencies, attention masks) or a tied head stored twice."""
+        return any(re.search(p, name) for p in self._hf_ignored) or (
+            self.tied and name == ".".join(self.head_path) + ".weight"
+        )
 
     def from_hf_state_dict(
         self,
@@ -386,98 +408,14 @@ class DecoderLM(abc.ABC):
         source: str = "",
         transform: Callable[[tuple[str, ...], jax.Array], Any] | None = None,
     ) -> dict:
-        """Builds the jpeft parameter tree from HF-named, HF-layout arrays.
-
-        Checks that every parameter is present with its expected shape; ignores buffers that
-        are not parameters and a tied output head stored twice. `transform(path, array)`,
-        when given, replaces each parameter as soon as it is built (e.g. quantises it), so
-        that the whole float tree never exists at once; `tensors` may be lazy (anything with
-        ``shape`` that :func:`numpy.asarray` reads), and is then read one parameter at a time.
-
-        Raises:
-          CheckpointError: a missing or unexpected tensor, or a shape mismatch (naming the
-            tensor, both shapes and `source`).
-        """
-        global_shapes, layer_shapes = self.hf_shapes()
-        expected = dict(global_shapes)
-        for i in range(self.num_layers):
-            for suffix, shape in layer_shapes.items():
-                expected[f"{self._hf_layers_prefix}.{i}.{suffix}"] = shape
-        present = {
-            name
-            for name in tensors
-            if not any(re.search(p, name) for p in self._hf_ignored)
-            and not (self.tied and name == ".".join(self.head_path) + ".weight")
-        }
-        where = f" in {source}" if source else ""
-        missing = sorted(set(expected) - present)
-        unexpected = sorted(present - set(expected))
-        if missing or unexpected:
-            raise checkpoints.CheckpointError(
-                f"checkpoint{where} does not fit a {self.config.model_type} model with this "
-                f"config: missing {_few(missing)}, unexpected {_few(unexpected)}"
-            )
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != tuple(shape):
-                raise checkpoints.CheckpointError(
-                    f"tensor {name}{where} has shape {tuple(tensors[name].shape)}, "
-                    f"expected {tuple(shape)} from the config"
-                )
-
-        def convert(array: np.ndarray, transposed: bool) -> jax.Array:
-            array = np.swapaxes(array, -1, -2) if transposed else array
-            if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
-                return jnp.asarray(array, dtype=dtype)
-            return jnp.asarray(array)
-
-        params: dict = {}
-
-        def put(path: tuple[str, ...], array: np.ndarray, transposed: bool) -> None:
-            leaf = convert(array, transposed)
-            del array
-            tree.set_path(params, path, leaf if transform is None else transform(path, leaf))
-
-        for name in global_shapes:
-            put(tuple(name.split(".")), np.asarray(tensors[name]), self._hf_transposed(name))
-        for suffix in layer_shapes:
-            layers = [
-                tensors[f"{self._hf_layers_prefix}.{i}.{suffix}"] for i in range(self.num_layers)
-            ]
-            stacked = np.empty((self.num_layers, *layer_shapes[suffix]), layers[0].dtype)
-            for i, layer in enumerate(layers):  # one layer read (dequantised) at a time
-                stacked[i] = np.asarray(layer)
-            path = self.layers_path + tuple(suffix.split("."))
-            put(path, stacked, self._hf_transposed(suffix))
-            del stacked
-        return params
+        """The jpeft parameter tree of HF-named, HF-layout arrays (see
+        :func:`jpeft.models.hf_layout.read`)."""
+        return hf_layout.read(self, tensors, dtype=dtype, source=source, transform=transform)
 
     def to_hf_state_dict(self, params: dict) -> dict[str, np.ndarray]:
-        """HF-named, HF-layout numpy arrays of a plain tree (the inverse of
-        :meth:`from_hf_state_dict`), ready for ``safetensors`` and transformers."""
-        global_shapes, layer_shapes = self.hf_shapes()
-        out: dict[str, np.ndarray] = {}
-
-        def plain(path: tuple[str, ...]) -> np.ndarray:
-            leaf = tree.get_path(params, path)
-            if not isinstance(leaf, (jax.Array, np.ndarray)):
-                raise TypeError(
-                    f"{'.'.join(path)} is a {type(leaf).__name__}, not an array: merge "
-                    "adapters into the base (e.g. jpeft.lora.merge) before exporting"
-                )
-            return np.asarray(leaf)
-
-        for name in global_shapes:
-            array = plain(tuple(name.split(".")))
-            if self._hf_transposed(name):  # contiguous: safetensors.numpy writes views wrongly
-                array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
-            out[name] = array
-        for suffix in layer_shapes:
-            stacked = plain(self.layers_path + tuple(suffix.split(".")))
-            if self._hf_transposed(suffix):
-                stacked = np.swapaxes(stacked, -1, -2)
-            for i in range(self.num_layers):
-                out[f"{self._hf_layers_prefix}.{i}.{suffix}"] = np.ascontiguousarray(stacked[i])
-        return out
+        """HF-named, HF-layout numpy arrays of a plain tree (see
+        :func:`jpeft.models.hf_layout.write`)."""
+        return hf_layout.write(self, params)
 
 
 def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
@@ -487,10 +425,3 @@ def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
     )
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-
-
-def _few(names: list[str], limit: int = 5) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,137 @@
+"""The one description of how a model's parameters map to Hugging Face's names and layouts.
+
+Each model lists its parameters once (:meth:`jpeft.models.DecoderLM.hf_layout`: HF name,
+tree path, stacked layers, transposed or not, HF shape); reading a checkpoint into a tree,
+writing a tree back for transformers, and the bitsandbytes 4-bit format
+(:mod:`jpeft.qlora`) all follow that list, so no names or transposes are restated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import tree
+from jpeft.hf import checkpoints
+
+
+class HFEntry(NamedTuple):
+    """Where one Hugging Face parameter lives in a jpeft tree (see :meth:`DecoderLM.hf_layout`).
+
+    Attributes:
+      name: the HF name; for a stacked parameter it holds ``{}`` for the layer index
+        (``model.layers.{}.self_attn.q_proj.weight``).
+      path: the jpeft tree path.
+      layers: the layer indices of a stacked parameter (``[l]`` leading axis in the tree),
+        None for the others.
+      transposed: True where jpeft stores the transpose of HF's layout (``[in, out]``
+        linear weights against torch's ``[out, in]``).
+      shape: the HF shape of one layer's tensor.
+    """
+
+    name: str
+    path: tuple[str, ...]
+    layers: range | None
+    transposed: bool
+    shape: tuple[int, ...]
+
+
+def to_jax(array: np.ndarray, transposed: bool, dtype: Any) -> jax.Array:
+    """An HF-layout numpy array as a jpeft leaf: transposed where the layout says so, and
+    floating arrays (bfloat16 too, which numpy sees as void) cast to `dtype`."""
+    array = np.swapaxes(array, -1, -2) if transposed else array
+    if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
+        return jnp.asarray(array, dtype=dtype)
+    return jnp.asarray(array)
+
+
+def read(
+    model: Any,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    dtype: Any = jnp.float32,
+    source: str = "",
+    transform: Callable[[tuple[str, ...], jax.Array], Any] | None = None,
+) -> dict:
+    """Builds the jpeft parameter tree from HF-named, HF-layout arrays.
+
+    Checks that every parameter is present with its expected shape; ignores buffers that
+    are not parameters and a tied output head stored twice. `transform(path, array)`,
+    when given, replaces each parameter as soon as it is built (e.g. quantises it), so
+    that the whole float tree never exists at once; `tensors` may be lazy (anything with
+    ``shape`` that :func:`numpy.asarray` reads), and is then read one parameter at a time.
+
+    Raises:
+      CheckpointError: a missing or unexpected tensor, or a shape mismatch (naming the
+        tensor, both shapes and `source`).
+    """
+    layout = model.hf_layout()
+    expected = {
+        entry.name.format(i): entry.shape
+        for entry in layout
+        for i in (entry.layers if entry.layers is not None else [None])
+    }
+    present = {name for name in tensors if not model.is_hf_extra(name)}
+    where = f" in {source}" if source else ""
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    if missing or unexpected:
+        raise checkpoints.CheckpointError(
+            f"checkpoint{where} does not fit a {model.config.model_type} model with this "
+            f"config: missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise checkpoints.CheckpointError(
+                f"tensor {name}{where} has shape {tuple(tensors[name].shape)}, "
+                f"expected {tuple(shape)} from the config"
+            )
+    params: dict = {}
+    for entry in layout:
+        if entry.layers is None:
+            array = np.asarray(tensors[entry.name])
+        else:
+            first = tensors[entry.name.format(0)]
+            array = np.empty((len(entry.layers), *entry.shape), first.dtype)
+            for i in entry.layers:  # one layer read (dequantised) at a time
+                array[i] = np.asarray(tensors[entry.name.format(i)])
+        leaf = to_jax(array, entry.transposed, dtype)
+        del array
+        tree.set_path(
+            params, entry.path, leaf if transform is None else transform(entry.path, leaf)
+        )
+    return params
+
+
+def write(model: Any, params: dict) -> dict[str, np.ndarray]:
+    """HF-named, HF-layout numpy arrays of a plain tree (the inverse of
+    :func:`read`), ready for ``safetensors`` and transformers."""
+    out: dict[str, np.ndarray] = {}
+    for entry in model.hf_layout():
+        leaf = tree.get_path(params, entry.path)
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{'.'.join(entry.path)} is a {type(leaf).__name__}, not an array: merge "
+                "adapters into the base (e.g. jpeft.lora.merge) before exporting"
+            )
+        array = np.asarray(leaf)
+        if entry.transposed:
+            array = np.swapaxes(array, -1, -2)
+        # contiguous copies: safetensors.numpy writes views wrongly
+        if entry.layers is None:
+            out[entry.name] = np.ascontiguousarray(array)
+        else:
+            for i in entry.layers:
+                out[entry.name.format(i)] = np.ascontiguousarray(array[i])
+    return out
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
