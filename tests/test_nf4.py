@@ -14,6 +14,7 @@ from bitsandbytes.backends.default import ops as bnb_default_ops
 
 import jpeft
 from jpeft import nn
+from jpeft.hf import bitsandbytes as hf_bnb
 from jpeft.quant import nf4
 
 TORCH_DTYPES = {
@@ -130,7 +131,7 @@ def test_dequantising_bitsandbytes_state_is_exact(dtype, quant_type, double_quan
     packed, state = F.quantize_4bit(
         w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant
     )
-    node = nf4.from_bitsandbytes(_bnb_state_dict(packed, state))
+    node = hf_bnb.from_bitsandbytes(_bnb_state_dict(packed, state))
     assert node.double_quant == double_quant and node.dtype == np.dtype(dtype)
     expected = F.dequantize_4bit(packed, state).float().numpy()
     np.testing.assert_array_equal(np.asarray(nf4.dequantize(node)).T.astype(np.float32), expected)
@@ -170,12 +171,12 @@ def test_jpeft_state_loads_in_bitsandbytes():
     """``to_bitsandbytes`` entries rebuild a bitsandbytes QuantState whose dequantisation
     is jpeft's, and ``from_bitsandbytes`` reads them back unchanged."""
     node = nf4.quantize(jax.random.normal(jax.random.key(0), (200, 72)), double_quant=True)
-    entries = nf4.to_bitsandbytes(node)
+    entries = hf_bnb.to_bitsandbytes(node)
     tensors = {k: torch.tensor(v) for k, v in entries.items() if k != "weight"}
     state = F.QuantState.from_dict(tensors, device=torch.device("cpu"))
     theirs = F.dequantize_4bit(torch.tensor(entries["weight"]), state).numpy()
     np.testing.assert_array_equal(np.asarray(nf4.dequantize(node)).T, theirs)
-    back = nf4.from_bitsandbytes(entries)
+    back = hf_bnb.from_bitsandbytes(entries)
     assert jax.tree.structure(back) == jax.tree.structure(node)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(node), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -286,8 +287,8 @@ def _corrupt(entries, key, value):
     ],
 )
 def test_corrupt_bitsandbytes_state_fails_clearly(edit, match):
-    entries = nf4.to_bitsandbytes(nf4.quantize(jnp.ones((8, 8)), double_quant=False))
+    entries = hf_bnb.to_bitsandbytes(nf4.quantize(jnp.ones((8, 8)), double_quant=False))
     with pytest.raises(ValueError, match=match):
-        nf4.from_bitsandbytes(edit(entries, "weight.quant_state.bitsandbytes__nf4"), name="m")
+        hf_bnb.from_bitsandbytes(edit(entries, "weight.quant_state.bitsandbytes__nf4"), name="m")
     with pytest.raises(ValueError, match="one layer's weight"):
-        nf4.to_bitsandbytes(nf4.quantize(jnp.ones((2, 8, 8))))
+        hf_bnb.to_bitsandbytes(nf4.quantize(jnp.ones((2, 8, 8))))

@@ -20,6 +20,7 @@ import transformers
 
 import jpeft
 from jpeft import lora, qlora
+from jpeft.hf import bitsandbytes as hf_bnb
 from jpeft.hf import checkpoints
 from jpeft.quant import nf4
 
@@ -251,7 +252,7 @@ def test_bitsandbytes_checkpoint_round_trip(tiny64, tmp_path, options):
     reference = hf_models.hf_logits(
         _load_bnb(tmp_path / "bnb"), data["input_ids"], data["attention_mask"]
     )
-    model, params = qlora.from_pretrained_4bit(tmp_path / "bnb")
+    model, params = hf_bnb.from_pretrained_4bit(tmp_path / "bnb")
     saved = safetensors.numpy.load_file(str(tmp_path / "bnb" / "model.safetensors"))
     node = params["model"]["layers"]["mlp"]["down_proj"]["weight"]
     assert node.quant_type == options.get("quant_type", "nf4")
@@ -264,7 +265,7 @@ def test_bitsandbytes_checkpoint_round_trip(tiny64, tmp_path, options):
     )
 
     config = checkpoints.read_config(tmp_path / "bnb")
-    qlora.save_pretrained_4bit(model, params, tmp_path / "jpeft", config=config)
+    hf_bnb.save_pretrained_4bit(model, params, tmp_path / "jpeft", config=config)
     written = safetensors.numpy.load_file(str(tmp_path / "jpeft" / "model.safetensors"))
     assert written.keys() == saved.keys()
     for key, array in saved.items():
@@ -282,7 +283,7 @@ def test_jpeft_quantised_model_loads_in_transformers(tiny64, tmp_path):
     model, params = jpeft.models.from_pretrained(tiny64)
     quantised = qlora.quantize(params, targets=["q_proj", "down_proj"], compute_dtype=jnp.float32)
     config = checkpoints.read_config(tiny64)
-    qlora.save_pretrained_4bit(model, quantised, tmp_path, config=config)
+    hf_bnb.save_pretrained_4bit(model, quantised, tmp_path, config=config)
     settings = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert settings["bnb_4bit_quant_type"] == "nf4" and settings["bnb_4bit_use_double_quant"]
     assert "model.layers.1.mlp.up_proj" in settings["llm_int8_skip_modules"]
@@ -299,7 +300,7 @@ def test_jpeft_quantised_model_loads_in_transformers(tiny64, tmp_path):
     ours = quantised["model"]["layers"]["self_attn"]["q_proj"]["weight"].codes[0]
     np.testing.assert_array_equal(np.asarray(ours), theirs.data.numpy().reshape(-1))
 
-    back_model, back = qlora.from_pretrained_4bit(tmp_path)
+    back_model, back = hf_bnb.from_pretrained_4bit(tmp_path)
     np.testing.assert_array_equal(_logits(back_model, back, data), out)
 
 
@@ -316,7 +317,7 @@ def test_corrupt_4bit_checkpoints_fail_clearly(tiny64, tmp_path):
     key = "model.layers.1.self_attn.v_proj.weight.quant_state.bitsandbytes__nf4"
 
     def saved(name):
-        qlora.save_pretrained_4bit(model, qlora.quantize(params), tmp_path / name, config=config)
+        hf_bnb.save_pretrained_4bit(model, qlora.quantize(params), tmp_path / name, config=config)
         return tmp_path / name
 
     folder = saved("json")
@@ -325,13 +326,13 @@ def test_corrupt_4bit_checkpoints_fail_clearly(tiny64, tmp_path):
         checkpoints.CheckpointError,
         match="v_proj.weight.quant_state.bitsandbytes__nf4 is not valid",
     ):
-        qlora.from_pretrained_4bit(folder)
+        hf_bnb.from_pretrained_4bit(folder)
 
     folder = saved("absmax")
     absmax = "model.layers.0.mlp.up_proj.weight.absmax"
     _rewrite(folder, lambda t: t.__setitem__(absmax, t[absmax][:-1]))
     with pytest.raises(checkpoints.CheckpointError, match="up_proj.weight.absmax has 127"):
-        qlora.from_pretrained_4bit(folder)
+        hf_bnb.from_pretrained_4bit(folder)
 
     def dense_gate_proj(tensors):  # layer 1's gate_proj stored unquantised
         for k in [k for k in tensors if k.startswith("model.layers.1.mlp.gate_proj.weight")]:
@@ -341,17 +342,17 @@ def test_corrupt_4bit_checkpoints_fail_clearly(tiny64, tmp_path):
     folder = saved("partial")
     _rewrite(folder, dense_gate_proj)
     with pytest.raises(checkpoints.CheckpointError, match=r"quantised in layers \[0\] only"):
-        qlora.from_pretrained_4bit(folder)
+        hf_bnb.from_pretrained_4bit(folder)
 
     with pytest.raises(checkpoints.CheckpointError, match="no quantization_config"):
-        qlora.from_pretrained_4bit(tiny64)
+        hf_bnb.from_pretrained_4bit(tiny64)
     folder = saved("method")
     config_path = folder / "config.json"
     broken = json.loads(config_path.read_text())
     broken["quantization_config"]["quant_method"] = "gptq"
     config_path.write_text(json.dumps(broken))
     with pytest.raises(checkpoints.CheckpointError, match="quant_method 'gptq'"):
-        qlora.from_pretrained_4bit(folder)
+        hf_bnb.from_pretrained_4bit(folder)
 
 
 def test_bad_quantisation_requests_fail_clearly(tiny_llama, tmp_path):
@@ -367,11 +368,11 @@ def test_bad_quantisation_requests_fail_clearly(tiny_llama, tmp_path):
         qlora.quantize(quantised)
     adapted = lora.apply(quantised, rank=2, key=jax.random.key(0))
     with pytest.raises(ValueError, match="LoraWeight: merge adapters first"):
-        qlora.save_pretrained_4bit(model, adapted, tmp_path, config={})
+        hf_bnb.save_pretrained_4bit(model, adapted, tmp_path, config={})
     mixed = qlora.quantize(params, targets=["q_proj"], quant_type="fp4")
     mixed = qlora.quantize(mixed, targets=["v_proj"])
     with pytest.raises(ValueError, match="share quant_type"):
-        qlora.save_pretrained_4bit(model, mixed, tmp_path, config={})
+        hf_bnb.save_pretrained_4bit(model, mixed, tmp_path, config={})
 
 
 def test_smollm2_qlora_training_lowers_loss(smollm2_file):

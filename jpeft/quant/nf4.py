@@ -42,9 +42,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import json
-import math
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -90,7 +87,7 @@ NF4_TABLE = np.array(
 FP4_TABLE = np.array(
     [0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32
 ) / np.float32(12)
-_TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
+TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
 
 
 def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
@@ -130,7 +127,7 @@ def _bounds(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (ordered[:-1] + ordered[1:]) / np.float32(2), order.astype(np.uint8)
 
 
-_BOUNDS = {name: _bounds(table) for name, table in _TABLES.items()}
+_BOUNDS = {name: _bounds(table) for name, table in TABLES.items()}
 _DYNAMIC_BOUNDS = _bounds(DYNAMIC_MAP)[0]
 # float32(1e-38), the floor bitsandbytes puts under the absmax of a short last block. It is
 # subnormal, and XLA flushes subnormals to zero, so it is written as bits.
@@ -224,7 +221,7 @@ def quantize(
 
       node = nf4.quantize(params["model"]["layers"]["mlp"]["up_proj"]["weight"])
     """
-    _check_options(block_size, quant_type)
+    check_options(block_size, quant_type)
     dtype = np.dtype(w.dtype if hasattr(w, "dtype") else np.asarray(w).dtype)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(
@@ -236,7 +233,7 @@ def quantize(
         raise ValueError(
             f"cannot quantise a weight of shape {shape}: expected [in, out] or [l, in, out]"
         )
-    compute_dtype = _float_dtype(dtype if compute_dtype is None else compute_dtype)
+    compute_dtype = float_dtype(dtype if compute_dtype is None else compute_dtype)
     lead, (fan_in, fan_out) = shape[:-2], shape[-2:]
     stacked = jnp.reshape(jnp.asarray(w), (-1, fan_in, fan_out))
     arrays = _quantize_stack(stacked, block_size, quant_type, double_quant)
@@ -336,7 +333,7 @@ def dequantize(node: NF4Weight) -> jax.Array:
     lead = node.codes.shape[:-1]
     nibbles = jnp.stack([node.codes >> 4, node.codes & 0xF], axis=-1)
     nibbles = nibbles.reshape(*lead, -1)[..., :n]
-    values = jnp.asarray(_TABLES[node.quant_type])[nibbles]  # [..., n] float32
+    values = jnp.asarray(TABLES[node.quant_type])[nibbles]  # [..., n] float32
     absmax = block_scales(node)  # [..., blocks]
     blocks = absmax.shape[-1]
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, blocks * node.block_size - n)])
@@ -374,194 +371,8 @@ def _linear(x: jax.Array, node: NF4Weight) -> jax.Array:
     return y.astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------- serialisation
-
-
-def to_bitsandbytes(node: NF4Weight) -> dict[str, np.ndarray]:
-    """The state-dict entries of a bitsandbytes ``Linear4bit`` weight (without bias).
-
-    Keys are relative to the module: ``weight`` (``[(in·out + 1) // 2, 1]`` uint8),
-    ``weight.absmax``, ``weight.quant_map``, with double quantisation
-    ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
-    ``weight.quant_state.bitsandbytes__<quant_type>``: the JSON of the non-tensor fields
-    as uint8 bytes (``quant_type``, ``blocksize``, ``dtype``, ``shape`` ``[out, in]`` and
-    the ``nested_*`` fields).
-
-    Args:
-      node: a single (not stacked) :class:`NF4Weight`.
-
-    Returns:
-      ``{key: numpy array}``, ready to prefix with the module name and save.
-
-    Raises:
-      ValueError: a stacked node (write each layer on its own).
-    """
-    if jnp.ndim(node.codes) != 1:
-        raise ValueError(
-            "to_bitsandbytes takes one layer's weight, got a node stacked over "
-            f"{jnp.shape(node.codes)[:-1]}"
-        )
-    fan_in, fan_out = node.shape
-    state = {
-        "quant_type": node.quant_type,
-        "blocksize": node.block_size,
-        "dtype": node.dtype.name,
-        "shape": [fan_out, fan_in],
-    }
-    out = {
-        "weight": np.asarray(node.codes).reshape(-1, 1),
-        "weight.absmax": np.asarray(node.absmax),
-        "weight.quant_map": _TABLES[node.quant_type].copy(),
-    }
-    if node.double_quant:
-        out["weight.nested_absmax"] = np.asarray(node.nested_absmax)
-        out["weight.nested_quant_map"] = np.asarray(node.nested_map)
-        state.update(
-            nested_blocksize=NESTED_BLOCK_SIZE,
-            nested_dtype="float32",
-            nested_offset=float(node.nested_offset),
-        )
-    out[f"weight.quant_state.bitsandbytes__{node.quant_type}"] = np.frombuffer(
-        json.dumps(state).encode(), np.uint8
-    ).copy()
-    return out
-
-
-def from_bitsandbytes(
-    tensors: Mapping[str, Any], *, compute_dtype: Any = None, name: str = "weight"
-) -> NF4Weight:
-    """An :class:`NF4Weight` from a bitsandbytes ``Linear4bit``'s state-dict entries, with
-    no dequantise/requantise round.
-
-    Args:
-      tensors: the entries :func:`to_bitsandbytes` describes, as numpy arrays or torch
-        tensors' ``.numpy()`` (a ``weight`` stored in another ``quant_storage`` dtype is
-        read as its bytes).
-      compute_dtype: the compute dtype; defaults to the stored ``dtype``.
-      name: the module name, for error messages.
-
-    Returns:
-      A single (not stacked) :class:`NF4Weight` holding the stored bytes as they are.
-
-    Raises:
-      ValueError: a missing or unexpected entry, a quant_state that is not valid JSON or
-        lacks a field, unsupported settings, or arrays whose sizes do not fit the shape.
-    """
-    keys = set(tensors)
-    state_keys = [k for k in keys if k.startswith("weight.quant_state.")]
-    if len(state_keys) != 1:
-        raise ValueError(
-            f"{name}: expected exactly one weight.quant_state.bitsandbytes__<nf4|fp4> entry, "
-            f"found {sorted(state_keys)}"
-        )
-    (state_key,) = state_keys
-    state = _read_state(np.asarray(tensors[state_key]), f"{name}.{state_key}")
-    quant_type = state["quant_type"]
-    if state_key != f"weight.quant_state.bitsandbytes__{quant_type}":
-        raise ValueError(
-            f"{name}: {state_key} holds quant_type {quant_type!r}, which its name contradicts"
-        )
-    block_size = state["blocksize"]
-    _check_options(block_size, quant_type)
-    dtype = _float_dtype(state["dtype"], f"{name}: quant_state dtype")
-    out_features, in_features = _shape(state["shape"], name)
-    nested = "nested_offset" in state
-    expected = {"weight", "weight.absmax", "weight.quant_map", state_key}
-    if nested:
-        expected |= {"weight.nested_absmax", "weight.nested_quant_map"}
-    if keys != expected:
-        raise ValueError(
-            f"{name}: bitsandbytes entries {sorted(keys)} do not match a "
-            f"{'double-' if nested else ''}quantised weight, expected {sorted(expected)}"
-        )
-    n = in_features * out_features
-    blocks = math.ceil(n / block_size)
-    codes = np.ascontiguousarray(tensors["weight"]).view(np.uint8).reshape(-1)
-    quant_map = np.asarray(tensors["weight.quant_map"], np.float32)
-    if quant_map.shape != (16,) or not np.array_equal(quant_map, _TABLES[quant_type]):
-        raise ValueError(f"{name}: weight.quant_map is not bitsandbytes' {quant_type} table")
-    arrays = {
-        "codes": _sized(codes, (n + 1) // 2, np.uint8, f"{name}.weight"),
-        "absmax": _sized(
-            tensors["weight.absmax"],
-            blocks,
-            np.uint8 if nested else np.float32,
-            f"{name}.weight.absmax",
-        ),
-    }
-    if nested:
-        if state.get("nested_blocksize") != NESTED_BLOCK_SIZE:
-            raise ValueError(
-                f"{name}: nested_blocksize {state.get('nested_blocksize')!r} is not supported; "
-                f"expected {NESTED_BLOCK_SIZE}, the value bitsandbytes writes"
-            )
-        if state.get("nested_dtype") != "float32":
-            raise ValueError(
-                f"{name}: nested_dtype {state.get('nested_dtype')!r} is not supported; "
-                "expected 'float32'"
-            )
-        arrays["nested_absmax"] = _sized(
-            tensors["weight.nested_absmax"],
-            math.ceil(blocks / NESTED_BLOCK_SIZE),
-            np.float32,
-            f"{name}.weight.nested_absmax",
-        )
-        arrays["nested_map"] = _sized(
-            tensors["weight.nested_quant_map"],
-            256,
-            np.float32,
-            f"{name}.weight.nested_quant_map",
-        )
-        try:
-            arrays["nested_offset"] = np.float32(state["nested_offset"])
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{name}: nested_offset {state['nested_offset']!r} is not a number"
-            ) from None
-    return NF4Weight(
-        shape=(in_features, out_features),
-        block_size=block_size,
-        quant_type=quant_type,
-        dtype=dtype,
-        compute_dtype=_float_dtype(dtype if compute_dtype is None else compute_dtype),
-        **{k: jnp.asarray(v) for k, v in arrays.items()},
-    )
-
-
-def _read_state(raw: np.ndarray, where: str) -> dict:
-    try:
-        state = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{where} is not valid quant_state JSON: {err}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{where} is not a JSON object: {state!r}")
-    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in state]
-    if missing:
-        raise ValueError(f"{where} lacks the quant_state fields {missing}")
-    return state
-
-
-def _shape(shape: Any, name: str) -> tuple[int, int]:
-    if (
-        not isinstance(shape, (list, tuple))
-        or len(shape) != 2
-        or not all(isinstance(d, int) and d > 0 for d in shape)
-    ):
-        raise ValueError(f"{name}: quant_state shape {shape!r} is not [out_features, in_features]")
-    return shape[0], shape[1]
-
-
-def _sized(array: Any, size: int, dtype: Any, name: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.size != size or array.dtype != dtype:
-        raise ValueError(
-            f"{name} has {array.size} {array.dtype} elements, expected {size} {np.dtype(dtype)} "
-            "for the quant_state shape and blocksize"
-        )
-    return array.reshape(-1)
-
-
-def _check_options(block_size: Any, quant_type: Any) -> None:
+def check_options(block_size: Any, quant_type: Any) -> None:
+    """Raises a ValueError naming a block size or quant type bitsandbytes does not take."""
     if block_size not in BLOCK_SIZES:
         raise ValueError(
             f"block size {block_size!r} is not supported; bitsandbytes takes {BLOCK_SIZES}"
@@ -570,7 +381,9 @@ def _check_options(block_size: Any, quant_type: Any) -> None:
         raise ValueError(f"quant_type {quant_type!r} is not supported; expected {QUANT_TYPES}")
 
 
-def _float_dtype(dtype: Any, what: str = "compute_dtype") -> np.dtype:
+def float_dtype(dtype: Any, what: str = "compute_dtype") -> np.dtype:
+    """`dtype` as a numpy dtype, if it is one bitsandbytes stores or computes in (float32,
+    bfloat16, float16); else a ValueError naming `what`."""
     try:
         found = np.dtype(jnp.dtype(dtype))
     except TypeError:
