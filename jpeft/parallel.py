@@ -222,7 +222,7 @@ def place(
     specs = train_specs(
         mesh, trainable, frozen, opt_state, rules=rules, min_shard_size=min_shard_size
     )
-    # The step donates the trainable half and the optimizer state, and device_put may let
+    # The step donates the optimizer state, and device_put may let
     # a device's shard share the source buffer (even with may_alias=False in jax 0.10), so
     # these small trees are copied first: donating must not delete the caller's arrays.
     trainable, opt_state = jax.tree.map(jnp.copy, (trainable, opt_state))
@@ -327,7 +327,7 @@ def make_sharded_train_step(
         )
         return trainable, opt_state, constrain(metrics, NamedSharding(mesh, P()))
 
-    return jax.jit(step, donate_argnums=(0, 2) if donate else ())
+    return jax.jit(step, donate_argnums=(2,) if donate else ())
 
 
 def make_pmap_train_step(

@@ -246,7 +246,10 @@ def make_train_step(
     Args:
       model: the model.
       optimizer: an optax transformation over the trainable half (``optimizer.init(trainable)``).
-      donate: donate the trainable and optimizer-state buffers to the step.
+      donate: donate the optimizer state's buffers to the step (the one passed in is then
+        unusable: carry on with the one returned). The trainable half is never donated:
+        :func:`jpeft.split` shares its buffers with the tree it was cut from, which would
+        be deleted with it, and an adapter is small.
       **options: the fields of :class:`StepOptions` (``grad_accum``, ``max_grad_norm``,
         ``remat``, ``loss``).
 
@@ -262,4 +265,4 @@ def make_train_step(
       trainable, opt_state, metrics = step(trainable, frozen, optimizer.init(trainable), batch, key)
     """
     step = train_step_fn(model, optimizer, StepOptions(**options))
-    return jax.jit(step, donate_argnums=(0, 2) if donate else ())
+    return jax.jit(step, donate_argnums=(2,) if donate else ())

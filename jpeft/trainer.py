@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -138,7 +137,6 @@ def fit(
         )
     optimizer = config.optimizer(total)
     trainable, frozen = tree.split(params)
-    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates these; `params` stays usable
     opt_state = optimizer.init(trainable)
     step_fn = train.make_train_step(
         model, optimizer, grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm
