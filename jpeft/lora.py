@@ -104,6 +104,10 @@ class LoraConfig:
         if bad:
             raise ValueError(f"rank_pattern values must be positive integers, got {bad}")
 
+    def __hash__(self) -> int:  # the pattern dicts are not hashable as they are
+        fields = dataclasses.astuple(self)
+        return hash(tuple(tuple(sorted(f.items())) if isinstance(f, dict) else f for f in fields))
+
     def scale(self, r: int, alpha: float) -> float:
         """``α / r``, or ``α / √r`` with rsLoRA."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -188,10 +192,10 @@ def _merged(node: LoraWeight) -> jax.Array:
 def apply(
     params: dict,
     *,
+    key: jax.Array,
     rank: int = 8,
     alpha: float | None = None,
     targets: str | Sequence[str] | None = None,
-    key: jax.Array | None = None,
     config: LoraConfig | None = None,
     **options: Any,
 ) -> dict:
@@ -219,8 +223,6 @@ def apply(
         )
     elif targets is not None or options:
         raise ValueError("pass either config or rank/alpha/targets/options, not both")
-    if key is None:
-        raise ValueError("apply needs key=jax.random.key(...) to initialise the LoRA factors")
     selected = targets_of(params, config)
     keys = jax.random.split(key, max(len(selected), 1))
     new = tree.copy_dicts(params)

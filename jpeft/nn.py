@@ -338,7 +338,7 @@ def dot_product_attention(
     Returns:
       ``[b, t, n, h]``.
     """
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() != "cpu":  # GPU (cuDNN where it applies), TPU: XLA's own kernel
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     steps = q.shape[1]
     if causal_offset is None or steps <= _CAUSAL_BLOCK:

@@ -199,3 +199,15 @@ def test_unsupported_architecture_is_named(tmp_path):
     _llama_file(tmp_path / "phi.gguf", {}, arch="phi2")
     with pytest.raises(ValueError, match=r"'phi2'.*\['gpt2', 'llama', 'qwen2', 'qwen3'\]"):
         read_gguf(tmp_path / "phi.gguf")
+
+
+def test_yarn_rope_scaling_is_refused_when_read(tmp_path):
+    metadata = {
+        "context_length": 32, "embedding_length": 32, "feed_forward_length": 64,
+        "block_count": 1, "head_count": 2, "layer_norm_rms_eps": 1e-5,
+        "rope_scaling_type": gguf.RopeScalingType.YARN, "rope_scaling_factor": 4.0,
+    }
+    path = tmp_path / "yarn.gguf"
+    _write(path, "llama", metadata, {"token_embd.weight": np.zeros((8, 32), np.float32)})
+    with pytest.raises(ValueError, match=r"yarn.gguf: GGUF rope scaling type 'yarn' is not"):
+        read_gguf(path)

@@ -182,8 +182,16 @@ def test_unsupported_options_fail_loudly():
         lora.LoraConfig(bias="some")
     with pytest.raises(TypeError):
         lora.LoraConfig(use_dora=True)  # DoRA is a later issue: not silently ignored
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(TypeError, match="key"):  # required: no silent default seed
         lora.apply({"w": {"weight": jnp.zeros((2, 2))}}, targets=["w"])
+
+
+def test_configs_are_hashable_and_equal_configs_hash_alike():
+    one = lora.LoraConfig(r=4, rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 2.0})
+    same = lora.LoraConfig(r=4, rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 2.0})
+    other = lora.LoraConfig(r=4, rank_pattern={"q_proj": 16})
+    assert hash(one) == hash(same) and one == same
+    assert len({one, same, other}) == 2
 
 
 def test_extract_attach_round_trip(tiny):

@@ -289,18 +289,13 @@ def _rope_parameters(reader: GGUFReader, arch: str, rope_freqs: np.ndarray | Non
         if rope_freqs is not None:
             params |= _llama3_rope(rope_freqs, params["rope_theta"])
         return params
-    if scaling not in ("linear", "yarn"):
-        raise ValueError(f"unsupported GGUF rope scaling type {scaling!r}")
-    params |= {"rope_type": scaling, "factor": float(key("scaling.factor"))}
-    if scaling == "yarn":
-        optional = {
-            "original_max_position_embeddings": "scaling.original_context_length",
-            "attention_factor": "scaling.yarn_attn_factor",
-            "beta_fast": "scaling.yarn_beta_fast",
-            "beta_slow": "scaling.yarn_beta_slow",
-        }
-        params |= {hf: key(gg) for hf, gg in optional.items() if key(gg, None) is not None}
-    return params
+    if scaling != "linear":
+        # jpeft's rotary embedding implements default, linear and llama3 scaling (YaRN not)
+        raise ValueError(
+            f"GGUF rope scaling type {scaling!r} is not supported; jpeft reads 'none' (with "
+            "Llama 3's rope_freqs) and 'linear'"
+        )
+    return params | {"rope_type": "linear", "factor": float(key("scaling.factor"))}
 
 
 def _llama3_rope(divisors: np.ndarray, theta: float) -> dict:
