@@ -55,7 +55,9 @@ class LoraConfig:
       init_lora_weights: True (kaiming-uniform A, zero B), ``"gaussian"`` (A normal with
         standard deviation ``1/r``, zero B) or False (A and B both random: not an identity,
         for tests).
-      fan_in_fan_out: kept for HF compatibility; jpeft weights are always ``[in, out]``.
+      fan_in_fan_out: HF's flag for bases stored ``[in, out]`` (GPT-2's ``Conv1D``). jpeft
+        stores every linear weight ``[in, out]`` and converts GPT-2 itself, so only False
+        is accepted (True is an error rather than silently meaning nothing).
       layers_to_transform, layers_pattern: restrict targets to these layer indices.
       rank_pattern, alpha_pattern: per-module rank/alpha overrides (``(.*\\.)?(key)$``).
       modules_to_save: modules trained in full beside the adapter (e.g. ``["lm_head"]``).
@@ -89,6 +91,11 @@ class LoraConfig:
                 object.__setattr__(
                     self, name, tuple(sorted(value) if isinstance(value, set) else value)
                 )
+        if self.fan_in_fan_out:
+            raise ValueError(
+                "fan_in_fan_out=True is not needed in jpeft: every linear weight is stored "
+                "[in, out] already (GPT-2's Conv1D is converted when loading); leave it False"
+            )
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0 <= self.lora_dropout < 1:
