@@ -200,6 +200,16 @@ def _train_options() -> list[_Option]:
         # model and output
         o("dtype", ("--dtype",), "float32", "dtype of the frozen base weights (the adapter "
           "and optimizer state stay float32)", "model and output", choices=_DTYPES),
+        o("quantize", ("--quantize",), "none", "QLoRA: store the frozen linear weights in 4 "
+          "bits (bitsandbytes' NF4 or FP4 layout), quantised while the model loads; the "
+          "adapter trains in --dtype on the dequantised weights", "model and output",
+          choices=("none", "nf4", "fp4")),
+        o("double_quant", ("--double-quant",), True, "with --quantize, store the block scales "
+          "in 8 bits too (QLoRA's double quantisation)", "model and output", parse=None,
+          kind="bool"),
+        o("block_size", ("--block-size",), 64, "with --quantize, elements per quantisation "
+          "block (32 to 4096, a power of two)", "model and output", parse=_positive_int,
+          metavar="N"),
         o("out", ("--out",), None, "output folder: metrics.jsonl, loss.png, checkpoints/, "
           "adapter/ (jpeft) and hf_adapter/ (Hugging Face PEFT); required",
           "model and output", metavar="DIR"),
@@ -409,7 +419,10 @@ def _train(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(model_path)
     examples, eval_examples = _training_data(s, tokenizer)
 
-    model, base = _load_model(model_path, s["dtype"])[:2]
+    if s["quantize"] == "none":
+        model, base = _load_model(model_path, s["dtype"])[:2]
+    else:
+        model, base = _load_quantized(model_path, s)
     lora_config = lora.LoraConfig(
         r=s["rank"],
         lora_alpha=s["rank"] if s["alpha"] is None else s["alpha"],
@@ -632,6 +645,39 @@ def _load_model(path: Path, dtype: str = "float32") -> tuple[Any, dict, dict]:
     model = models.from_config(config)
     params = model.from_hf_state_dict(tensors, dtype=jnp.dtype(dtype), source=str(path))
     return model, params, config
+
+
+def _load_quantized(path: Path, s: dict[str, Any]) -> tuple[Any, dict]:
+    """``(model, params)`` with every linear weight but the head in 4 bits (``--quantize``),
+    quantised as it loads; the adapter's compute dtype is ``--dtype``."""
+    import jax.numpy as jnp
+
+    from jpeft import qlora, targets
+    from jpeft.quant import nf4
+
+    try:
+        nf4.check_options(s["block_size"], s["quantize"])
+    except ValueError as err:
+        raise _UsageError(f"--block-size/--quantize: {err}") from None
+    dtype = jnp.dtype(s["dtype"])
+    model, params = qlora.from_pretrained(
+        path,
+        dtype=dtype,
+        block_size=s["block_size"],
+        double_quant=s["double_quant"],
+        quant_type=s["quantize"],
+        compute_dtype=dtype,
+    )
+    count = sum(  # per layer, as HF names them
+        len(m.names) for m in targets.modules(params) if isinstance(m.weight, nf4.NF4Weight)
+    )
+    double = " with double quantisation" if s["double_quant"] else ""
+    print(
+        f"quantised {count} linear weights to {s['quantize']} (block size "
+        f"{s['block_size']}{double})",
+        flush=True,
+    )
+    return model, params
 
 
 def _load_tokenizer(path: Path, required: bool = True) -> Any:
