@@ -104,7 +104,7 @@ def measure(mode: str, targets: list[str], rank: int, batch: int, seq: int, step
     opt_state = optimizer.init(trainable)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq))
     data = {"input_ids": jnp.asarray(ids, jnp.int32)}
-    step = train.make_train_step(model, optimizer)
+    step = train.make_train_step(model, optimizer, donate_trainable=True)  # `params` is gone
     compiled = step.lower(trainable, frozen, opt_state, data, jax.random.key(0)).compile()
     plan = compiled.memory_analysis()
     hlo = compiled.as_text()

@@ -167,7 +167,11 @@ def run_jpeft(spec: dict) -> dict:
     optimizer = optax.adamw(spec["lr"], weight_decay=spec["weight_decay"], eps=1e-8)
     opt_state = optimizer.init(trainable)
     loss_fn = functools.partial(train.causal_lm_loss, chunk_size=opts["chunk"])
-    step = train.make_train_step(model, optimizer, max_grad_norm=1.0, loss=loss_fn)
+    # `params` is gone, so nothing else holds the trainable buffers: donate them, as
+    # `jpeft train` (trainer.fit) does
+    step = train.make_train_step(
+        model, optimizer, donate_trainable=True, max_grad_norm=1.0, loss=loss_fn
+    )
     ids = make_batch(c.vocab_size, spec["batch"], spec["seq"], spec["seed"])
     result["batch_checksum"] = int(ids.sum())
     batch = {"input_ids": jnp.asarray(ids, jnp.int32)}

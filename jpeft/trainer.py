@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -137,9 +138,14 @@ def fit(
         )
     optimizer = config.optimizer(total)
     trainable, frozen = tree.split(params)
+    trainable = jax.tree.map(jnp.copy, trainable)  # donated below; `params` stays usable
     opt_state = optimizer.init(trainable)
     step_fn = train.make_train_step(
-        model, optimizer, grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm
+        model,
+        optimizer,
+        donate_trainable=True,
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
     )
     rng = jax.random.key(config.seed)
     step, metrics_path = 0, out / "metrics.jsonl"
