@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, tree
+from jpeft import methods, nn, tree
 from jpeft import targets as targeting
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -61,18 +61,61 @@ class LoraConfig:
       layers_to_transform, layers_pattern: restrict targets to these layer indices.
       rank_pattern, alpha_pattern: per-module rank/alpha overrides (``(.*\\.)?(key)$``).
       modules_to_save: modules trained in full beside the adapter (e.g. ``["lm_head"]``).
+
+    The fields with ``metadata["help"]`` are also ``jpeft train`` options (``--rank``,
+    ``--alpha``, ``--targets``, ``--dropout``, ``--rslora``, ``--layers``).
     """
 
-    r: int = 8
-    lora_alpha: float = 8
-    target_modules: str | tuple[str, ...] | None = None
+    r: int = dataclasses.field(
+        default=8, metadata={"help": "LoRA rank r", "flag": "--rank", "short": "-r", "metavar": "R"}
+    )
+    lora_alpha: float = dataclasses.field(
+        default=8,
+        metadata={
+            "help": "LoRA alpha (the update is scaled by alpha/r, or alpha/sqrt(r) with --rslora)",
+            "flag": "--alpha",
+            "default_from": "r",
+            "shown_default": "same as --rank",
+        },
+    )
+    target_modules: str | tuple[str, ...] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "modules to adapt: names separated by commas (q_proj,v_proj; suffix "
+            "match), 'all-linear', or a regex matched against the whole module name "
+            "(model\\.layers\\.\\d+\\.self_attn\\.q_proj)",
+            "flag": "--targets",
+            "parse": targeting.parse_names,
+            "metavar": "NAMES|REGEX",
+            "shown_default": "the model family's, q_proj,v_proj",
+        },
+    )
     exclude_modules: str | tuple[str, ...] | None = None
-    lora_dropout: float = 0.0
+    lora_dropout: float = dataclasses.field(
+        default=0.0,
+        metadata={
+            "help": "dropout probability on the LoRA input",
+            "flag": "--dropout",
+            "metavar": "P",
+        },
+    )
     bias: str = "none"
-    use_rslora: bool = False
+    use_rslora: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "rank-stabilised LoRA: scale by alpha/sqrt(r)", "flag": "--rslora"},
+    )
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
-    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_to_transform: int | tuple[int, ...] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "adapt only these layer indices: 0,1,2 or 0-3 or 0-3,8",
+            "flag": "--layers",
+            "parse": targeting.parse_layers,
+            "metavar": "LIST",
+            "shown_default": "all layers",
+        },
+    )
     layers_pattern: str | tuple[str, ...] | None = None
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -340,3 +383,9 @@ and the trained weights whole. Small enough to save."""
 
 attach = tree.attach
 """Puts an adapter from :func:`extract` back onto a base tree (:func:`jpeft.tree.attach`)."""
+
+methods.register(
+    methods.Method(
+        name="lora", title="LoRA", config_class=LoraConfig, apply=apply, peft_type="LORA"
+    )
+)

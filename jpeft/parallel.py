@@ -1,4 +1,4 @@
-"""Training on many devices and many hosts: meshes, sharding rules by path, a pmap-ed step.
+"""Training on many devices: meshes, sharding rules by path, a sharded and a pmap-ed step.
 
 Every form below runs the step of :func:`jpeft.train.make_train_step` and computes the update
 that one device computes on the whole (global) batch: the loss is summed over all tokens of
@@ -12,8 +12,9 @@ not over devices.
   plain data parallelism.
 * :func:`make_pmap_train_step`: the same step under :func:`jax.pmap`, for code written with
   pmap; gradients, loss sums and token counts are summed with :func:`jax.lax.psum`.
-* Many hosts: call :func:`initialize_distributed` first on every process, then build the
-  mesh over all processes' devices and feed each process's rows with :func:`shard_batch`.
+* Many hosts: call :func:`jpeft.distributed.initialize_distributed` first on every
+  process, then build the mesh over all processes' devices and feed each process's rows
+  with :func:`shard_batch`.
 
 Placement (:func:`train_specs`, applied by :func:`place` and inside the sharded step):
 
@@ -45,21 +46,21 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jpeft import train, tree
-from jpeft.models import decoder
+from jpeft import targets, train, tree
+
+if TYPE_CHECKING:
+    from jpeft.models.decoder import DecoderLM
 
 DATA = "data"
 """The mesh axis that splits batch rows only."""
@@ -74,15 +75,6 @@ them (64 K float32 elements are 256 KiB)."""
 Rules = Sequence[tuple[str, P]]
 """``(regex, spec)`` pairs; the first regex found (:func:`re.search`) in a leaf's dotted path
 gives its spec."""
-
-ENV_COORDINATOR = "JPEFT_COORDINATOR"
-ENV_NUM_PROCESSES = "JPEFT_NUM_PROCESSES"
-ENV_PROCESS_ID = "JPEFT_PROCESS_ID"
-_ENV = {
-    "coordinator": ENV_COORDINATOR,
-    "num_processes": ENV_NUM_PROCESSES,
-    "process_id": ENV_PROCESS_ID,
-}
 
 
 class TrainSpecs(NamedTuple):
@@ -274,7 +266,7 @@ def shard_batch(batch: Any, mesh: Mesh, *, grad_accum: int = 1) -> Any:
 
 
 def make_sharded_train_step(
-    model: decoder.DecoderLM,
+    model: DecoderLM,
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
     *,
@@ -331,7 +323,7 @@ def make_sharded_train_step(
 
 
 def make_pmap_train_step(
-    model: decoder.DecoderLM,
+    model: DecoderLM,
     optimizer: optax.GradientTransformation,
     *,
     axis_name: str = DATA,
@@ -402,98 +394,6 @@ def make_pmap_train_step(
     return run
 
 
-def to_host(params: Any) -> Any:
-    """NumPy copies of a tree's arrays, on every process, e.g. to save them.
-
-    A fully replicated array is read from a local copy; an array sharded across processes
-    is gathered (:func:`jax.experimental.multihost_utils.process_allgather`), which is a
-    collective: in a multi-process run call this on every process.
-
-    Example::
-
-      params = parallel.to_host(jpeft.combine(trainable, frozen))
-      if jax.process_index() == 0:
-          jpeft.save_adapter(params, "out/adapter")
-    """
-
-    def fetch(x: Any) -> Any:
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return np.asarray(x)
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(fetch, params)
-
-
-def initialize_distributed(
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids: Sequence[int] | None = None,
-    *,
-    cpu_collectives: str | None = "gloo",
-) -> None:
-    """Joins this process to a multi-process JAX run (:func:`jax.distributed.initialize`).
-
-    Each setting comes from its argument, else from the environment (``JPEFT_COORDINATOR``,
-    ``JPEFT_NUM_PROCESSES``, ``JPEFT_PROCESS_ID``). Give all three or none: with none,
-    JAX detects the cluster itself (Slurm, Open MPI, Kubernetes, Cloud TPU, or its own
-    ``JAX_COORDINATOR_ADDRESS``…). Call it on every process before any other JAX work.
-    The coordinator (process 0) listens on all interfaces unless
-    ``JAX_COORDINATOR_BIND_ADDRESS`` says otherwise.
-
-    Args:
-      coordinator: ``host:port`` of process 0's coordination service.
-      num_processes: the number of processes.
-      process_id: this process's index, ``0 <= process_id < num_processes``.
-      local_device_ids: the local devices this process uses (default: all).
-      cpu_collectives: the CPU collectives implementation set before initialising
-        (``jax_cpu_collectives_implementation``; ``"gloo"`` lets CPU devices of different
-        processes compute together), or None to leave JAX's setting.
-
-    Raises:
-      ValueError: only some of the three settings given, or a malformed value (naming the
-        argument or environment variable it came from).
-
-    Example::
-
-      # on each of two machines; or JPEFT_COORDINATOR=10.0.0.1:1234 JPEFT_NUM_PROCESSES=2
-      # JPEFT_PROCESS_ID=<i> in the environment and no arguments
-      parallel.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=i)
-      mesh = parallel.make_mesh()           # every process's devices
-    """
-    arguments = {
-        "coordinator": coordinator,
-        "num_processes": num_processes,
-        "process_id": process_id,
-    }
-    settings = {name: _setting(name, value) for name, value in arguments.items()}
-    missing = [name for name, setting in settings.items() if setting is None]
-    if 0 < len(missing) < len(settings):
-        have = ", ".join(
-            f"{name}={setting[0]!r} (from {setting[1]})"
-            for name, setting in settings.items()
-            if setting is not None
-        )
-        lacking = ", ".join(f"{name} (argument or {_ENV[name]})" for name in missing)
-        raise ValueError(
-            f"multi-process set-up is half specified: got {have} but no {lacking}; give all "
-            "three, or none to let JAX detect the cluster"
-        )
-    if not missing:
-        _check_settings(settings)
-    if cpu_collectives is not None:
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    value = {name: None if setting is None else setting[0] for name, setting in settings.items()}
-    jax.distributed.initialize(
-        coordinator_address=value["coordinator"],
-        num_processes=value["num_processes"],
-        process_id=value["process_id"],
-        local_device_ids=local_device_ids,
-    )
-
-
 # ---------------------------------------------------------------------------- private
 
 
@@ -508,7 +408,7 @@ def _named(mesh: Mesh, specs: Any) -> Any:
 
 
 def _stacked(name: str) -> bool:
-    return any(name.startswith(".".join(stack) + ".") for stack in decoder.STACKED_LAYER_PATHS)
+    return any(name.startswith(".".join(stack) + ".") for stack in targets.STACKED_LAYER_PATHS)
 
 
 def _fsdp_spec(name: str, shape: tuple[int, ...], size: int, min_shard_size: int) -> P:
@@ -558,34 +458,3 @@ def _follow(opt_state: Any, trainable: Any, trainable_specs: Any) -> Any:
         return P()
 
     return jax.tree_util.tree_map_with_path(spec_of, opt_state)
-
-
-def _setting(name: str, value: Any) -> tuple[Any, str] | None:
-    """``(value, where it came from)`` of a distributed setting, or None if unset."""
-    if value is not None:
-        return value, "argument"
-    env = _ENV[name]
-    text = os.environ.get(env, "").strip()
-    if not text:
-        return None
-    if name == "coordinator":
-        return text, env
-    try:
-        return int(text), env
-    except ValueError:
-        raise ValueError(f"{env} must be an integer, got {text!r}") from None
-
-
-def _check_settings(settings: dict[str, tuple[Any, str]]) -> None:
-    (coordinator, coordinator_from) = settings["coordinator"]
-    (count, count_from) = settings["num_processes"]
-    (index, index_from) = settings["process_id"]
-    host, _, port = str(coordinator).rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(
-            f"coordinator (from {coordinator_from}) must be 'host:port', got {coordinator!r}"
-        )
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(f"num_processes (from {count_from}) must be at least 1, got {count!r}")
-    if not isinstance(index, int) or not 0 <= index < count:
-        raise ValueError(f"process_id (from {index_from}) must be in [0, {count}), got {index!r}")

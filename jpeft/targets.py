@@ -27,14 +27,45 @@ from collections.abc import Sequence
 from typing import Any
 
 from jpeft import nn
-from jpeft.models import decoder
 
 ALL_LINEAR = "all-linear"
+STACKED_LAYER_PATHS: set[tuple[str, ...]] = set()
+"""The tree paths under which layers are stacked along a leading axis, e.g.
+``("model", "layers")`` (each jpeft model adds its own); selection expands that axis of the
+weights there into per-layer HF names."""
 _WEIGHT_KEYS = ("weight", "kernel")  # transformers / Flax names of a layer's weight
 _EMBEDDINGS = ("embed_tokens", "wte", "wpe")
 _OUTPUT_HEADS = ("lm_head",)
 # transformers' TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, keyed by the layer stack.
 _DEFAULT_TARGETS = {("model", "layers"): ("q_proj", "v_proj"), ("transformer", "h"): ("c_attn",)}
+
+
+def parse_names(spec: str | Sequence[str]) -> str | tuple[str, ...]:
+    """`target_modules` from text: ``q_proj,v_proj`` or ``q_proj`` (module names, matched by
+    suffix), ``all-linear``, or anything else as a regex matched against the whole name.
+    A sequence of names is taken as it is."""
+    if not isinstance(spec, str):
+        return tuple(str(name) for name in spec)
+    spec = spec.strip()
+    if spec == ALL_LINEAR:
+        return spec
+    if "," in spec or re.fullmatch(r"[\w.]+", spec):
+        return tuple(name.strip() for name in spec.split(",") if name.strip())
+    return spec
+
+
+def parse_layers(spec: str | int | Sequence[int]) -> tuple[int, ...]:
+    """`layers_to_transform` from text: ``0,1,2``, ``0-3`` (inclusive) or a mix, ``0-3,8``.
+    An integer or a sequence of integers is taken as it is."""
+    if isinstance(spec, int):
+        return (spec,)
+    if not isinstance(spec, str):
+        return tuple(int(i) for i in spec)
+    layers: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        layers.extend(range(int(first), int(last) + 1) if last else [int(first)])
+    return tuple(layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +116,7 @@ def modules(params: dict) -> list[Module]:
 
 def _module(path: tuple, weight_key: str, weight: Any) -> Module:
     name = ".".join(map(str, path))
-    for stack in decoder.STACKED_LAYER_PATHS:
+    for stack in STACKED_LAYER_PATHS:
         if path[: len(stack)] == stack and len(path) > len(stack):
             layers = nn.shape(weight)[0]
             rest = ".".join(map(str, path[len(stack) :]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +25,16 @@ import numpy as np
 import optax
 
 from jpeft import nn, tree
-from jpeft.models import decoder
+
+if TYPE_CHECKING:
+    from jpeft.models.decoder import DecoderLM
 
 IGNORE_INDEX = -100
 """Label value excluded from the loss (Hugging Face's convention)."""
 
 
 def causal_lm_loss(
-    model: decoder.DecoderLM,
+    model: DecoderLM,
     params: dict,
     batch: dict[str, jax.Array],
     *,
@@ -170,7 +172,7 @@ class StepOptions:
 
 
 def train_step_fn(
-    model: decoder.DecoderLM,
+    model: DecoderLM,
     optimizer: optax.GradientTransformation,
     options: StepOptions | None = None,
     *,
@@ -234,7 +236,7 @@ def train_step_fn(
 
 
 def make_train_step(
-    model: decoder.DecoderLM,
+    model: DecoderLM,
     optimizer: optax.GradientTransformation,
     *,
     donate: bool = True,

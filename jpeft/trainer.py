@@ -21,47 +21,84 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jpeft import checkpoint, data, train, tree
-from jpeft.models import decoder
+from jpeft import checkpoint, data, train, train_state, tree
+
+if TYPE_CHECKING:
+    from jpeft.models.decoder import DecoderLM
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last saved train state is left intact."""
 
 
+SCHEDULES = ("cosine", "linear", "constant")  # the decays after the warm-up
+
+
+def _option(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its ``jpeft train`` help and flag metadata (see :mod:`jpeft.cli.options`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Optimisation and bookkeeping settings of :func:`fit` (all have CLI flags)."""
+    """Optimisation and bookkeeping settings of :func:`fit`; every field is also a
+    ``jpeft train`` option (its ``metadata``)."""
 
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    max_grad_norm: float | None = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: int = 1
-    bucket: int = 64
-    pack: bool = False
-    eval_every: int = 50
-    save_every: int = 100
-    log_every: int = 1
-    keep_checkpoints: int = 2
-    seed: int = 0
-
-    _SCHEDULES = ("cosine", "linear", "constant")
+    learning_rate: float = _option(2e-4, "peak learning rate of AdamW", flag="--lr")
+    weight_decay: float = _option(0.0, "AdamW weight decay", metavar="WD")
+    warmup_steps: int = _option(10, "steps of linear warm-up from 0 to --lr", metavar="N")
+    schedule: str = _option(
+        "cosine",
+        "learning-rate decay after the warm-up",
+        choices=SCHEDULES,
+    )
+    max_grad_norm: float | None = _option(
+        1.0, "clip the global gradient norm to this; 'none' turns clipping off", metavar="NORM"
+    )
+    batch_size: int = _option(8, "examples per micro-batch", metavar="N")
+    grad_accum: int = _option(
+        1, "micro-batches per optimizer step (gradient accumulation)", metavar="N"
+    )
+    max_steps: int | None = _option(
+        None,
+        "optimizer steps to take (overrides --epochs; needed with --pack)",
+        metavar="N",
+        shown_default="--epochs passes over the data",
+    )
+    epochs: int = _option(1, "passes over the training data", metavar="N")
+    bucket: int = _option(
+        64,
+        "pad lengths up to a multiple of this many tokens (bounds recompilation); with "
+        "--pack, the packed row length",
+        metavar="TOKENS",
+    )
+    pack: bool = _option(
+        False, "pack several short examples into each row (attention does not cross examples)"
+    )
+    eval_every: int = _option(
+        50, "measure the eval loss every N steps (and at the end)", metavar="N"
+    )
+    save_every: int = _option(
+        100,
+        "save a resumable train state every N steps (and at the end, and on Ctrl-C)",
+        metavar="N",
+    )
+    log_every: int = _option(1, "append a line to metrics.jsonl every N steps", metavar="N")
+    keep_checkpoints: int = _option(2, "newest train states kept in OUT/checkpoints", metavar="N")
+    seed: int = _option(
+        0, "seed of the adapter initialisation, the data order, dropout and --eval-split"
+    )
 
     def __post_init__(self):
-        if self.schedule not in self._SCHEDULES:
-            raise ValueError(f"schedule must be one of {self._SCHEDULES}, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in (
             "batch_size",
             "grad_accum",
@@ -70,9 +107,18 @@ class TrainConfig:
             "eval_every",
             "save_every",
             "log_every",
+            "keep_checkpoints",
+            "max_steps",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(
+                f"max_grad_norm must be positive (or None: no clipping), got {self.max_grad_norm}"
+            )
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
@@ -96,7 +142,7 @@ class TrainConfig:
 
 
 def fit(
-    model: decoder.DecoderLM,
+    model: DecoderLM,
     params: dict,
     train_examples: Sequence[data.Example],
     out_dir: str | Path,
@@ -150,8 +196,8 @@ def fit(
     rng = jax.random.key(config.seed)
     step, metrics_path = 0, out / "metrics.jsonl"
     state_dir = out / "checkpoints"
-    if resume and checkpoint.latest_step(state_dir) is not None:
-        restored = checkpoint.restore_train_state(
+    if resume and train_state.latest_step(state_dir) is not None:
+        restored = train_state.restore_train_state(
             state_dir, params=trainable, opt_state_like=opt_state
         )
         trainable, opt_state, step, _, rng = restored
@@ -176,7 +222,7 @@ def fit(
     bar = _progress(total, step, progress)
 
     def save(at: int) -> None:
-        checkpoint.save_train_state(
+        train_state.save_train_state(
             state_dir,
             at,
             params=trainable,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jpeft
 from jpeft import train
@@ -42,14 +43,15 @@ def check_jit_equals_eager(model, params, data):
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=JIT_TOLERANCE)
 
 
-def check_gradients_only_on_adapters(model, params, data, trainable_names):
-    """Every trainable leaf's path ends in one of `trainable_names`, and every one of them
-    gets a non-zero gradient once the adapter is moved off its init (at an identity init
-    some factors get none: LoRA's A while B is zero)."""
+def check_gradients_only_on_adapters(model, params, data, trainable_names=None):
+    """Every trainable leaf's path ends in one of `trainable_names` (when given), and every
+    one of them gets a non-zero gradient once the adapter is moved off its init (at an
+    identity init some factors get none: LoRA's A while B is zero)."""
     trainable, frozen = jpeft.split(params)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
     assert paths, "nothing is trainable"
-    assert all(any(p.endswith(n) for n in trainable_names) for p in paths), paths
+    if trainable_names is not None:
+        assert all(any(p.endswith(n) for n in trainable_names) for p in paths), paths
     leaves, treedef = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     noise = [
@@ -85,6 +87,14 @@ def run_steps(model, params, data, steps: int, learning_rate: float = 1e-2):
 
 
 def check_merge_equals_unmerged(model, params, merge, data):
+    """Merged and unmerged give the same logits; a method whose nodes do not fold into the
+    weights (no ``value`` rule) is refused by `merge` with an error naming it."""
+    nodes = [x for _, x in jpeft.tree.iter_nodes(params) if isinstance(x, jpeft.tree.Node)]
+    unfoldable = [x for x in nodes if not jpeft.nn.has_rule("value", x)]
+    if unfoldable:
+        with pytest.raises(TypeError, match=f"{type(unfoldable[0]).__name__}.*not supported"):
+            merge(params)
+        return
     out = model(params, data["input_ids"], attention_mask=data["attention_mask"])
     merged = merge(params)
     assert not any(isinstance(x, jpeft.tree.Node) for _, x in jpeft.tree.iter_nodes(merged))
@@ -106,7 +116,8 @@ def check_save_load_round_trip(base, params, directory):
 
 def check_all(model, params, add, merge, data, trainable_names, directory):
     """Every contract check (adapter checkpoints go to `directory`); returns the trained
-    parameters."""
+    parameters. `trainable_names`: suffixes every trainable leaf's path must end in, or
+    None to leave that to the node classes' ``trainable_fields``."""
     check_identity_at_init(model, params, add, data)
     adapted = add(params, jax.random.key(0))
     check_jit_equals_eager(model, adapted, data)

@@ -117,7 +117,7 @@ class CompileCounter:
 def train_steps(step, trainable, frozen, opt_state, batch):
     """Runs STEPS steps; returns the trainable half, the optimizer state, each step's loss
     and gradient norm, and the number of compilations after the first step."""
-    from jpeft import parallel
+    from jpeft import distributed
 
     counter, losses = CompileCounter(), []
     for i in range(STEPS):
@@ -125,7 +125,7 @@ def train_steps(step, trainable, frozen, opt_state, batch):
             trainable, opt_state, metrics = step(
                 trainable, frozen, opt_state, batch, jax.random.key(i)
             )
-            losses.append([float(parallel.to_host(metrics[k])) for k in ("loss", "grad_norm")])
+            losses.append([float(distributed.to_host(metrics[k])) for k in ("loss", "grad_norm")])
     return trainable, opt_state, losses, counter.count
 
 
@@ -210,12 +210,12 @@ def host_main(process_id: int, port: int, out: Path) -> None:
     import numpy as np
 
     import jpeft
-    from jpeft import checkpoint, parallel
+    from jpeft import checkpoint, distributed, parallel
 
     if process_id == 0:
-        parallel.initialize_distributed(f"127.0.0.1:{port}", 2, 0)
+        distributed.initialize_distributed(f"127.0.0.1:{port}", 2, 0)
     else:
-        parallel.initialize_distributed()  # from JPEFT_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID
+        distributed.initialize_distributed()  # from JPEFT_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID
     model, params, optimizer, batch = setup()
     mesh = parallel.make_mesh(fsdp=2)  # data=2 across the processes, fsdp=2 within each
     trainable, frozen = jpeft.split(params)
@@ -227,7 +227,7 @@ def host_main(process_id: int, port: int, out: Path) -> None:
     own_rows = {k: v[process_id * share : (process_id + 1) * share] for k, v in batch.items()}
     sharded = parallel.shard_batch(own_rows, mesh)
     trained, _, losses, compiles = train_steps(step, trainable, frozen, opt_state, sharded)
-    host = parallel.to_host(jpeft.combine(trained, frozen))  # a collective: every process
+    host = distributed.to_host(jpeft.combine(trained, frozen))  # a collective: every process
     facts = {
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
@@ -245,7 +245,6 @@ def host_main(process_id: int, port: int, out: Path) -> None:
         **{f"{run}/{k}": v for run, leaves in runs.items() for k, v in leaves.items()},
     )
     (out / f"host{process_id}.json").write_text(json.dumps(facts))
-
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jpeft
-from jpeft import checkpoint, lora, tree
+from jpeft import checkpoint, lora, train_state, tree
 
 _IDS = np.array([[5, 17, 3, 44, 90, 2, 61, 8], [1, 33, 72, 9, 14, 56, 0, 27]])
 _QV = dict(rank=4, targets=["q_proj", "v_proj"], init_lora_weights=False)
@@ -159,7 +159,10 @@ def _entry(metadata: dict) -> dict:
     [
         (None, r"jpeft_adapter\.json is not valid JSON"),
         (lambda m: m.update(format_version=99), r"jpeft_adapter\.json has format version 99"),
-        (lambda m: _entry(m).update(type="dora"), r"q_proj\.weight: unknown adapter node kind 'dora'"),
+        (
+            lambda m: _entry(m).update(type="dora"),
+            r"q_proj\.weight: unknown adapter node kind 'dora'",
+        ),
         (lambda m: m.pop("entries"), r"jpeft_adapter\.json is malformed: KeyError"),
         (lambda m: m.update(arrays="../elsewhere"), r"jpeft_adapter\.json is malformed"),
         (
@@ -316,7 +319,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(build, tmp_path):
     for position in range(3):
         state = step(state[0], frozen, *state[1:], position)
         trainable, opt_state, rng = state
-        checkpoint.save_train_state(
+        train_state.save_train_state(
             run,
             position + 1,
             params=trainable,
@@ -326,18 +329,18 @@ def test_stopped_and_resumed_run_is_bitwise_identical(build, tmp_path):
             keep=2,
         )
     assert sorted(int(p.name) for p in run.iterdir() if p.name.isdigit()) == [2, 3]
-    assert checkpoint.latest_step(run) == 3
-    assert checkpoint.latest_step(tmp_path / "no-run") is None
+    assert train_state.latest_step(run) == 3
+    assert train_state.latest_step(tmp_path / "no-run") is None
 
     # A fresh process: the adapter re-applied with another init, a fresh optimizer state.
     fresh = lora.apply(base, **options, key=jax.random.key(123))
     fresh_trainable, fresh_frozen = tree.split(fresh)
-    restored = checkpoint.restore_train_state(
+    restored = train_state.restore_train_state(
         run, params=fresh, opt_state_like=optimizer.init(fresh_trainable)
     )
     assert (restored.step, restored.data_position) == (3, 3)
     assert _equal_trees(restored.params, tree.combine(trainable, fresh_frozen))
-    half = checkpoint.restore_train_state(
+    half = train_state.restore_train_state(
         run, params=fresh_trainable, opt_state_like=optimizer.init(fresh_trainable), step=2
     )
     assert half.step == 2 and jax.tree.structure(half.params) == jax.tree.structure(trainable)
@@ -356,7 +359,7 @@ def test_restore_into_a_different_adapter_names_the_array(build, tmp_path):
     _, base = build("llama")
     optimizer = optax.sgd(1e-2)
     trainable, _ = tree.split(lora.apply(base, **_QV, key=jax.random.key(0)))
-    checkpoint.save_train_state(
+    train_state.save_train_state(
         tmp_path / "run",
         1,
         params=trainable,
@@ -364,7 +367,7 @@ def test_restore_into_a_different_adapter_names_the_array(build, tmp_path):
         data_position=4,
         rng=jax.random.PRNGKey(5),
     )
-    restored = checkpoint.restore_train_state(
+    restored = train_state.restore_train_state(
         tmp_path / "run", params=trainable, opt_state_like=optimizer.init(trainable)
     )
     assert _equal_trees(restored.params, trainable)
@@ -376,11 +379,11 @@ def test_restore_into_a_different_adapter_names_the_array(build, tmp_path):
         match=r"run/1: array params\.model\.layers\.self_attn\.q_proj\.weight\.a is stored "
         r"with shape \(2, 32, 4\) .* expects shape \(2, 32, 8\)",
     ):
-        checkpoint.restore_train_state(
+        train_state.restore_train_state(
             tmp_path / "run", params=other, opt_state_like=optimizer.init(other)
         )
     with pytest.raises(jpeft.CheckpointError, match="step 1 was not saved: .* holds step 1"):
-        checkpoint.save_train_state(
+        train_state.save_train_state(
             tmp_path / "run",
             1,
             params=other,
@@ -389,10 +392,54 @@ def test_restore_into_a_different_adapter_names_the_array(build, tmp_path):
             rng=jax.random.PRNGKey(0),
         )
     with pytest.raises(jpeft.CheckpointError, match="holds no train state for step 9"):
-        checkpoint.restore_train_state(
+        train_state.restore_train_state(
             tmp_path / "run", params=trainable, opt_state_like=optimizer.init(trainable), step=9
         )
     with pytest.raises(jpeft.CheckpointError, match="does not exist"):
-        checkpoint.restore_train_state(
+        train_state.restore_train_state(
             tmp_path / "none", params=trainable, opt_state_like=optimizer.init(trainable)
         )
+
+
+def test_describe_reads_the_steps_and_array_shapes_of_a_train_state_folder(build, tmp_path):
+    _, base = build("llama")
+    optimizer = optax.adamw(1e-2)
+    trainable, _ = tree.split(
+        lora.apply(base, **_QV, modules_to_save=["lm_head"], key=jax.random.key(0))
+    )
+    opt_state = optimizer.init(trainable)
+    run = tmp_path / "run"
+    for step in (2, 5):
+        train_state.save_train_state(
+            run,
+            step,
+            params=trainable,
+            opt_state=opt_state,
+            data_position=10 * step,
+            rng=jax.random.key(step),
+        )
+
+    info = train_state.describe(run)
+    assert (info["steps"], info["latest_step"], info["data_position"]) == ([2, 5], 5, 50)
+    saved = {}
+    for prefix, part in (("params", trainable), ("opt_state", opt_state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(part)[0]:
+            saved[f"{prefix}.{tree.path_str(path)}"] = (
+                list(np.shape(leaf)),
+                np.dtype(leaf.dtype).name,
+            )
+    assert info["arrays"] == saved
+    assert info["arrays"]["params.model.layers.self_attn.q_proj.weight.a"] == (
+        [2, 32, 4],
+        "float32",
+    )
+    assert info["arrays"]["opt_state.0.count"] == ([], "int32")
+
+    with pytest.raises(jpeft.CheckpointError, match=r"run/5 cannot be read as a jpeft train state"):
+        shutil.rmtree(run / "5" / "meta")
+        train_state.describe(run)
+    with pytest.raises(jpeft.CheckpointError, match=r"empty holds no train state"):
+        (tmp_path / "empty").mkdir()
+        train_state.describe(tmp_path / "empty")
+    with pytest.raises(jpeft.CheckpointError, match=r"train state folder .*nowhere does not exist"):
+        train_state.describe(tmp_path / "nowhere")

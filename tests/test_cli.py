@@ -20,7 +20,7 @@ import torch
 import transformers
 
 import jpeft
-from jpeft import checkpoint, cli, lora, train, trainer
+from jpeft import checkpoint, cli, lora, train, train_state, trainer
 from jpeft.hf import peft_format
 
 ANIMALS = [
@@ -92,8 +92,12 @@ def _tokenizer(folder):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random Llama folder with a tokenizer, and a chat dataset with one bad row."""
-    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
+
+
+def make_tiny_chat_model(root) -> dict:
+    """A tiny random Llama folder with a tokenizer under `root`, and a chat dataset with one
+    bad row: ``{"root", "model", "data"}``."""
     model_dir = root / "model"
     tokenizer = _tokenizer(model_dir)
     torch.manual_seed(0)
@@ -252,7 +256,7 @@ def test_ctrl_c_saves_then_resume_finishes_the_same_run(trained, tiny, tmp_path,
     assert "Traceback" not in stderr
     assert f"the train state is saved at step 7 in {out / 'checkpoints'}" in stderr
     assert "--resume" in stderr
-    assert checkpoint.latest_step(out / "checkpoints") == 7
+    assert train_state.latest_step(out / "checkpoints") == 7
 
     # Starting again without --resume would lose the saved state: refused.
     code, _, stderr = run(*args)
@@ -300,13 +304,13 @@ def test_nan_loss_is_an_error_and_keeps_the_last_train_state(tiny, tmp_path):
         f"step 1 in {re.escape(str(out / 'checkpoints'))} is intact",
         stderr,
     ), stderr
-    assert checkpoint.latest_step(out / "checkpoints") == 1
+    assert train_state.latest_step(out / "checkpoints") == 1
     # That train state is loadable, and finite.
     model, base = jpeft.models.from_pretrained(tiny["model"])
     params = lora.apply(base, rank=8, key=jax.random.key(0))
     trainable, _ = jpeft.split(params)
     optimizer = trainer.TrainConfig(learning_rate=1e38, warmup_steps=0).optimizer(5)
-    state = checkpoint.restore_train_state(
+    state = train_state.restore_train_state(
         out / "checkpoints", params=trainable, opt_state_like=optimizer.init(trainable)
     )
     assert state.step == 1
@@ -478,7 +482,8 @@ def test_inspect_each_kind_of_path(trained, tiny, tmp_path):
     assert info["type"] == "jpeft adapter" and info["parameters"] == trainable
     assert info["config"]["r"] == 4 and len(info["entries"]) == 7
     q = next(e for e in info["entries"] if e["path"].endswith("q_proj.weight"))
-    assert q["arrays"]["a"]["shape"] == [2, 32, 4] and q["rank"] == 4
+    assert q["arrays"]["a"]["shape"] == [2, 32, 4] and q["kind"] == "lora"
+    assert q["parameters"] == 2 * (32 * 4 + 4 * 32)  # two layers of A [32, 4] and B [4, 32]
 
     info = _inspect_json(out / "hf_adapter")
     assert info["type"] == "Hugging Face PEFT adapter" and info["parameters"] == trainable
@@ -637,14 +642,9 @@ def _bad_config(tmp_path, tiny):
     return path
 
 
-def test_distributed_flags_go_to_jpeft_parallel(tiny, tmp_path, monkeypatch):
+def test_distributed_flags_go_to_jpeft_distributed(tiny, tmp_path):
     args = ["train", tiny["model"], "--data", tiny["data"], "--out", tmp_path / "out"]
-    # Half a multi-host set-up: jpeft.parallel names what is missing.
+    # Half a multi-host set-up: jpeft.distributed names what is missing.
     code, _, stderr = run(*args, "--coordinator", "127.0.0.1:1234")
     assert code == 2 and stderr.startswith("jpeft: error: ") and "num_processes" in stderr
     assert "Traceback" not in stderr
-    # An installation without jpeft.parallel says so.
-    monkeypatch.setitem(sys.modules, "jpeft.parallel", None)
-    monkeypatch.delattr(jpeft, "parallel", raising=False)
-    code, _, stderr = run(*args, "--num-processes", "2", "--process-id", "1")
-    assert code == 2 and "need jpeft.parallel" in stderr

@@ -162,3 +162,80 @@ def test_kinds_are_unique():
         @dataclasses.dataclass(frozen=True)
         class Impostor(tree.Node):
             kind: ClassVar[str] = "lora"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChannelScaleConfig:
+    target_modules: tuple[str, ...] = dataclasses.field(
+        default=("q_proj", "v_proj"),
+        metadata={"help": "modules to scale", "flag": "--targets", "parse": targeting.parse_names},
+    )
+    init: float = dataclasses.field(default=1.0, metadata={"help": "initial scale"})
+
+
+def apply_channel_scales(params, *, config, key):
+    scaled = add_channel_scales(params, key, config.target_modules)
+    return jax.tree.map(
+        lambda x: dataclasses.replace(x, s=x.s * config.init) if isinstance(x, ChannelScale) else x,
+        scaled,
+        is_leaf=lambda x: isinstance(x, ChannelScale),
+    )
+
+
+@pytest.fixture
+def registered():
+    """The test method in the registry, as its own file would register it."""
+    return jpeft.methods.register(
+        jpeft.methods.Method(
+            name="test_channel_scale",
+            title="channel scale",
+            config_class=ChannelScaleConfig,
+            apply=apply_channel_scales,
+        )
+    )
+
+
+def test_the_cli_trains_a_registered_method_it_does_not_know(registered, tmp_path, capsys):
+    import test_cli
+
+    from jpeft import cli
+
+    tiny = test_cli.make_tiny_chat_model(tmp_path)
+    model_dir, data = tiny["model"], tiny["data"]
+
+    assert cli.main(["train", "--method", registered.name, "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "method (channel scale)" in help_text and "--init" in help_text
+    assert "--rank R" not in help_text and "--rslora" not in help_text  # LoRA's own
+
+    out = tmp_path / "run"
+    argv = ["train", model_dir, "--method", registered.name, "--data", data, "--out", out]
+    code = cli.main(
+        [
+            str(a)
+            for a in (
+                *argv,
+                "--targets",
+                "q_proj",
+                "--init",
+                "2",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            )
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    metadata = jpeft.checkpoint.read_adapter_metadata(out / "adapter")
+    assert {e["type"] for e in metadata["entries"]} == {"test_channel_scale"}
+    assert metadata["config"]["method"] == registered.name
+    assert metadata["config"]["target_modules"] == ["q_proj"] and metadata["config"]["init"] == 2
+    _, base = jpeft.models.from_pretrained(model_dir)
+    loaded = jpeft.load_adapter(base, out / "adapter")
+    (scale,) = [x for _, x in tree.iter_nodes(loaded) if isinstance(x, ChannelScale)]
+    assert scale.s.shape == (2, 32) and not np.allclose(np.asarray(scale.s), 2)  # it trained
+    assert not (out / "hf_adapter").exists()  # HF PEFT has no such method
+    assert cli.main(["inspect", str(out / "adapter")]) == 0
+    assert "test_channel_scale" in capsys.readouterr().out

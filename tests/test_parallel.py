@@ -1,4 +1,5 @@
-"""jpeft.parallel: sharded, pmap-ed and multi-process training equal the single-device step.
+"""jpeft.parallel, jpeft.distributed: sharded, pmap-ed and multi-process training equal the
+single-device step.
 
 JAX fixes the number of CPU devices when its backend starts, and this pytest process has
 already started it with one device, so the multi-device runs happen in subprocesses
@@ -23,7 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jpeft
-from jpeft import checkpoint, lora, parallel
+from jpeft import checkpoint, distributed, lora, parallel
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TOLERANCE = 1e-5
@@ -256,7 +257,7 @@ def test_shard_batch_places_rows_on_both_axes_and_to_host_copies():
     batch = parallel.shard_batch({"input_ids": ids}, mesh)
     assert batch["input_ids"].sharding == parallel.batch_sharding(mesh)
     assert parallel.batch_sharding(mesh, grad_accum=2).spec == P(None, parallel.BATCH_AXES)
-    host = parallel.to_host({"ids": batch["input_ids"], "none": None})
+    host = distributed.to_host({"ids": batch["input_ids"], "none": None})
     assert type(host["ids"]) is np.ndarray and host["none"] is None
     np.testing.assert_array_equal(host["ids"], ids)
 
@@ -298,10 +299,14 @@ def test_shard_batch_places_rows_on_both_axes_and_to_host_copies():
     ],
 )
 def test_initialize_distributed_rejects_incomplete_settings(monkeypatch, arguments, env, message):
-    for name in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+    for name in (
+        distributed.ENV_COORDINATOR,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
-        parallel.initialize_distributed(**arguments)
+        distributed.initialize_distributed(**arguments)
     assert not jax.distributed.is_initialized()

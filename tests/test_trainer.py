@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft import checkpoint, data, lora, train, trainer
+from jpeft import checkpoint, data, lora, train, train_state, trainer
 
 CONFIG = trainer.TrainConfig(
     learning_rate=1e-2,
@@ -111,7 +111,7 @@ def test_interrupted_and_resumed_runs_equal_the_run_never_stopped(setup, tmp_pat
             trainer.fit(model, params, examples, folder, **run)
         monkeypatch.undo()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        assert checkpoint.latest_step(folder / "checkpoints") == stopped_at, how
+        assert train_state.latest_step(folder / "checkpoints") == stopped_at, how
         assert [m["step"] for m in _metrics(folder)] == list(range(1, stopped_at + 1))
 
         resumed = trainer.fit(model, params, examples, folder, resume=True, **run)

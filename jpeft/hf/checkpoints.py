@@ -77,7 +77,25 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(_iter_safetensors(Path(path)))
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """Each tensor's ``(shape, dtype)`` in a safetensors file (dtype as the file names it,
+    e.g. ``"F32"``), from its header alone.
+
+    Raises:
+      CheckpointError: a missing, truncated or corrupt file.
+    """
+    header, _ = _read_header(Path(path))
+    try:
+        return {name: (list(info["shape"]), str(info["dtype"])) for name, info in header.items()}
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} has a malformed safetensors header: {err}") from err
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (without ``__metadata__``) and the offset of
+    its data."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -96,7 +114,12 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
-    data_start = 8 + header_len
+    return header, 8 + header_len
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    header, data_start = _read_header(path)
+    size = path.stat().st_size
     data = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
     for name, info in header.items():
         try:

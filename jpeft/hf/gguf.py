@@ -130,6 +130,27 @@ class _LazyTensor:
         return values if dtype is None else values.astype(dtype, copy=False)
 
 
+def read_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[list[int], str]]]:
+    """A GGUF file's metadata (key to Python value; arrays as lists) and each tensor's
+    ``(shape, type)`` with the shape in numpy order and the type as GGUF names it (``"Q8_0"``).
+    Reads no tensor data.
+
+    Raises:
+        ValueError: if the file is missing, not GGUF, truncated or corrupt.
+    """
+    reader = open_reader(path)
+    metadata = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("GGUF.")
+    }
+    tensors = {
+        t.name: ([int(n) for n in reversed(t.shape.tolist())], t.tensor_type.name)
+        for t in reader.tensors
+    }
+    return metadata, tensors
+
+
 def open_reader(path: str | os.PathLike) -> GGUFReader:
     """Open and parse ``path``, turning I/O and parse failures into a ``ValueError`` naming it."""
     try:

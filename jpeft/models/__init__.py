@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,8 @@ __all__ = [
     "gpt2",
     "llama",
     "load_tokenizer",
+    "read_config",
+    "save_pretrained",
     "to_hf_state_dict",
     "virtual_tokens",
 ]
@@ -81,20 +84,80 @@ def from_pretrained(
       CheckpointError: a missing, corrupt or mismatched checkpoint.
       ValueError: an unsupported model type or config option.
     """
-    path = Path(path)
+    config, tensors = _read(Path(path))
+    model = from_config(config, **model_options)
+    params = model.from_hf_state_dict(tensors, dtype=dtype, source=str(path), transform=transform)
+    return model, params
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The transformers ``config.json`` dict of a model folder or of a GGUF file (from its
+    metadata; no tensor is read)."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """``(config dict, HF-named tensors)`` of a folder or GGUF file; GGUF tensors are lazy."""
     if not path.exists():
         raise checkpoints.CheckpointError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
         from jpeft.hf import gguf
 
-        config, tensors = gguf.read_gguf(path)
-    elif path.is_dir():
-        config, tensors = checkpoints.read_folder(path)
-    else:
-        raise checkpoints.CheckpointError(f"{path} is neither a model folder nor a .gguf file")
-    model = from_config(config, **model_options)
-    params = model.from_hf_state_dict(tensors, dtype=dtype, source=str(path), transform=transform)
-    return model, params
+        return gguf.read_gguf(path)
+    if path.is_dir():
+        return checkpoints.read_folder(path)
+    raise checkpoints.CheckpointError(f"{path} is neither a model folder nor a .gguf file")
+
+
+def save_pretrained(
+    model: DecoderLM,
+    params: dict,
+    out: str | os.PathLike,
+    *,
+    config: dict,
+    tokenizer: Any = None,
+) -> dict[str, np.ndarray]:
+    """Writes a plain (e.g. merged) parameter tree as a Hugging Face model folder.
+
+    The folder holds ``config.json`` (`config`, the base model's, with the weights' dtype),
+    ``model.safetensors`` and, when given, the tokenizer's files:
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads it.
+
+    Args:
+      model: the model of `params`.
+      params: a tree without adapter nodes (see :func:`jpeft.lora.merge`).
+      out: the folder to write; created if missing.
+      config: the base model's config dict (:func:`read_config`).
+      tokenizer: a transformers tokenizer to save beside the weights, or None.
+
+    Returns:
+      The HF-named arrays written.
+
+    Raises:
+      ValueError: `config` names no ``architectures`` (transformers could not load the
+        folder).
+    """
+    import safetensors.numpy
+
+    if not config.get("architectures"):
+        raise ValueError(
+            "the base model's config names no 'architectures'; transformers could not load "
+            "the folder written"
+        )
+    state = model.to_hf_state_dict(params)
+    floating = sorted(
+        {v.dtype.name for v in state.values() if v.dtype.kind == "f" or v.dtype.name == "bfloat16"}
+    )
+    config = {k: v for k, v in config.items() if k != "torch_dtype"}
+    if len(floating) == 1:
+        config["dtype"] = floating[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    safetensors.numpy.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return state
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -31,16 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jpeft import nn, tree
+from jpeft import nn, targets, tree
 from jpeft.models import hf_layout, virtual_tokens
 from jpeft.models.hf_layout import HFEntry
 from jpeft.models.virtual_tokens import KVPrefix
 
-_FULL_ATTENTION = np.iinfo(np.int32).max  # the window of a layer without sliding window
-
-STACKED_LAYER_PATHS: set[tuple[str, ...]] = set()
-"""The tree paths under which jpeft models stack their layers (filled by subclasses); PEFT
-target selection expands the leading axis of weights there into per-layer HF names."""
+FULL_ATTENTION = np.iinfo(np.int32).max
+"""The attention window of a layer without sliding window (:meth:`DecoderLM.layer_windows`)."""
 
 
 class KVCache(NamedTuple):
@@ -128,7 +125,7 @@ class DecoderLM(abc.ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "layers_path" in cls.__dict__:
-            STACKED_LAYER_PATHS.add(cls.layers_path)
+            targets.STACKED_LAYER_PATHS.add(cls.layers_path)
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -158,7 +155,7 @@ class DecoderLM(abc.ABC):
 
     def layer_windows(self) -> np.ndarray:
         """``[l]`` int32 sliding-window size of each layer (int32 max for full attention)."""
-        return np.full((self.num_layers,), _FULL_ATTENTION, np.int32)
+        return np.full((self.num_layers,), FULL_ATTENTION, np.int32)
 
     @abc.abstractmethod
     def _embed(self, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:

@@ -163,7 +163,7 @@ class Llama(decoder.DecoderLM):
     def layer_windows(self) -> np.ndarray:
         if not self.config.sliding_windows:
             return super().layer_windows()
-        full = decoder._FULL_ATTENTION
+        full = decoder.FULL_ATTENTION
         return np.array([w or full for w in self.config.sliding_windows], np.int32)
 
     def _embed(self, params, tokens, positions):
