@@ -102,7 +102,10 @@ def save_train_state(
     }
     directory = Path(directory).absolute()
     ocp = orbax_arrays.orbax_checkpoint()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    directory.mkdir(parents=True, exist_ok=True)  # Orbax creates none for one process
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=False, multiprocessing_options=_this_process()
+    )
     with ocp.CheckpointManager(directory, options=options) as manager:
         saved = manager.save(
             int(step),
@@ -256,8 +259,17 @@ def _reader(directory: Path) -> Any:
     """A CheckpointManager that reads the steps saved in `directory` and creates nothing."""
     ocp = orbax_arrays.orbax_checkpoint()
     handlers = {"arrays": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(create=False)
+    options = ocp.CheckpointManagerOptions(create=False, multiprocessing_options=_this_process())
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _this_process() -> Any:
+    """Orbax options that involve this process alone: in a multi-process run one process
+    saves (host arrays, from :func:`jpeft.distributed.to_host`) and each reads for itself,
+    into arrays on its own devices."""
+    ocp = orbax_arrays.orbax_checkpoint()
+    index = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
 
 
 def _check_format(meta: dict, step_dir: Path) -> None:

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
-from jpeft import checkpoint, data, train, train_state, tree
+from jpeft import checkpoint, data, distributed, train, train_state, tree
 
 if TYPE_CHECKING:
     from jpeft.models.decoder import DecoderLM
@@ -186,27 +187,25 @@ def fit(
     trainable, frozen = tree.split(params)
     trainable = jax.tree.map(jnp.copy, trainable)  # donated below; `params` stays usable
     opt_state = optimizer.init(trainable)
-    step_fn = train.make_train_step(
-        model,
-        optimizer,
-        donate_trainable=True,
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm,
-    )
     rng = jax.random.key(config.seed)
     step, metrics_path = 0, out / "metrics.jsonl"
     state_dir = out / "checkpoints"
+    writer = jax.process_index() == 0  # one process writes the run's files
     if resume and train_state.latest_step(state_dir) is not None:
         restored = train_state.restore_train_state(
             state_dir, params=trainable, opt_state_like=opt_state
         )
         trainable, opt_state, step, _, rng = restored
-        _truncate_metrics(metrics_path, step)
+        if writer:
+            _truncate_metrics(metrics_path, step)
         last_saved = step  # the step of the newest train state saved (None: none)
     else:  # a fresh run; an earlier run's train states here would make its saves fail
         last_saved = None
-        metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if writer:
+            metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(state_dir, ignore_errors=True)
+    devices = _Devices(model, optimizer, config)
+    trainable, frozen, opt_state = devices.place(trainable, frozen, opt_state)
 
     stream = data.batches(
         train_examples,
@@ -219,18 +218,20 @@ def fit(
         start=step * config.grad_accum,
     )
     eval_batches = _eval_batches(eval_examples, config, pad_id)
-    bar = _progress(total, step, progress)
+    bar = _progress(total, step, progress and writer)
 
     def save(at: int) -> None:
-        train_state.save_train_state(
-            state_dir,
-            at,
-            params=trainable,
-            opt_state=opt_state,
-            data_position=at * config.grad_accum,
-            rng=rng,
-            keep=config.keep_checkpoints,
-        )
+        host_trainable, host_opt_state = distributed.to_host((trainable, opt_state))
+        if writer:
+            train_state.save_train_state(
+                state_dir,
+                at,
+                params=host_trainable,
+                opt_state=host_opt_state,
+                data_position=at * config.grad_accum,
+                rng=rng,
+                keep=config.keep_checkpoints,
+            )
 
     interrupt = _DeferredInterrupt()
     try:
@@ -238,9 +239,10 @@ def fit(
             batch = _next_batch(stream, config.grad_accum)
             next_rng, step_key = jax.random.split(rng)
             started = time.perf_counter()
-            new_trainable, new_opt_state, metrics = step_fn(
+            new_trainable, new_opt_state, metrics = devices.step(
                 trainable, frozen, opt_state, batch, step_key
             )
+            metrics = distributed.to_host(metrics)
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 kept = (
@@ -262,9 +264,9 @@ def fit(
             }
             if eval_batches and (step % config.eval_every == 0 or step == total):
                 record["eval_loss"] = _eval_loss(
-                    model, tree.combine(trainable, frozen), eval_batches
+                    model, tree.combine(trainable, frozen), eval_batches, devices.replicate
                 )
-            if step % config.log_every == 0 or "eval_loss" in record:
+            if writer and (step % config.log_every == 0 or "eval_loss" in record):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
@@ -294,10 +296,68 @@ def fit(
         bar.close()
     if step != last_saved:  # a resumed run that had already finished is saved already
         save(step)
-    params = tree.combine(trainable, frozen)
-    checkpoint.save_adapter(params, out / "adapter", config=adapter_config)
-    plot_losses(metrics_path, out / "loss.png")
+    params = devices.to_host(tree.combine(trainable, frozen))
+    if writer:
+        checkpoint.save_adapter(params, out / "adapter", config=adapter_config)
+        plot_losses(metrics_path, out / "loss.png")
     return params
+
+
+class _Devices:
+    """Where the steps of :func:`fit` run: one device (:func:`jpeft.train.make_train_step`),
+    or, when JAX sees several devices or processes, data parallel over all of them
+    (:func:`jpeft.parallel.make_sharded_train_step` on a ``data`` mesh): every process
+    computes the same global batch stream and feeds its own consecutive share of each
+    batch's rows, and every device applies the update of the whole global batch."""
+
+    def __init__(self, model: Any, optimizer: optax.GradientTransformation, config: TrainConfig):
+        self.grad_accum = config.grad_accum
+        options = dict(grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm)
+        if jax.device_count() == 1:
+            self.mesh = None
+            self.step = train.make_train_step(model, optimizer, donate_trainable=True, **options)
+            return
+        from jpeft import parallel
+
+        if config.batch_size % jax.device_count():
+            raise ValueError(
+                f"batch_size {config.batch_size} must be a multiple of the number of devices "
+                f"({jax.device_count()} over {jax.process_count()} process(es)) to train "
+                "data parallel"
+            )
+        self.mesh = parallel.make_mesh()
+        self._parallel = parallel
+        sharded = parallel.make_sharded_train_step(model, optimizer, self.mesh, **options)
+        self.step = lambda t, f, o, batch, key: sharded(t, f, o, self._shard(batch), key)
+
+    def place(self, trainable: Any, frozen: Any, opt_state: Any) -> tuple[Any, Any, Any]:
+        if self.mesh is None:
+            return trainable, frozen, opt_state
+        # From host copies: arrays restored from a train state are committed to this
+        # process's device, and JAX on CPU moves no committed array across processes.
+        trainable, opt_state = jax.tree.map(np.asarray, (trainable, opt_state))
+        return self._parallel.place(self.mesh, trainable, frozen, opt_state)
+
+    def _shard(self, batch: dict) -> Any:
+        """This process's rows of the global `batch`, as global arrays over the mesh."""
+        axis = 0 if self.grad_accum == 1 else 1
+        rows = next(iter(batch.values())).shape[axis] // jax.process_count()
+        start = jax.process_index() * rows
+        share = {k: np.take(v, range(start, start + rows), axis=axis) for k, v in batch.items()}
+        return self._parallel.shard_batch(share, self.mesh, grad_accum=self.grad_accum)
+
+    def replicate(self, batch: dict) -> Any:
+        """An eval batch, whole on every device."""
+        if self.mesh is None:
+            return batch
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.host_local_array_to_global_array(batch, self.mesh, P())
+
+    def to_host(self, params: Any) -> Any:
+        """The trained tree as host arrays where it is spread over devices (so that any
+        one process can save or export it); as it is on one device."""
+        return params if self.mesh is None else distributed.to_host(params)
 
 
 class _DeferredInterrupt:
@@ -355,10 +415,10 @@ def _eval_batches(examples, config: TrainConfig, pad_id: int) -> list[dict]:
     )
 
 
-def _eval_loss(model, params, batches) -> float:
+def _eval_loss(model, params, batches, place) -> float:
     total = count = 0.0
     for batch in batches:
-        loss_sum, tokens = _eval_sums(model, params, batch)
+        loss_sum, tokens = distributed.to_host(_eval_sums(model, params, place(batch)))
         total, count = total + float(loss_sum), count + float(tokens)
     return total / max(count, 1.0)
 
@@ -379,8 +439,13 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step")
 
 
-def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Draws train (and eval) loss against step from a ``metrics.jsonl`` file."""
+def plot_losses(metrics_path: str | Path, png_path: str | Path) -> dict[str, tuple[list, list]]:
+    """Draws train (and eval) loss against step from a ``metrics.jsonl`` file.
+
+    Returns:
+      The series drawn, read back from the figure: ``{"train": (steps, losses)}`` and, when
+      there are eval losses, ``"eval"``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,4 +463,9 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)
+    plotted = {
+        line.get_label(): ([int(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+        for line in ax.get_lines()
+    }
     plt.close(fig)
+    return plotted

@@ -28,6 +28,14 @@ def smollm2_file() -> Path:
     return smollm2_path()
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that loads the real SmolLM2 is `slow` (``pytest -m "not slow"`` skips
+    them all)."""
+    for item in items:
+        if "smollm2_file" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def private_compilation_cache(tmp_path_factory):
     """A persistent XLA compilation cache private to one test module, so that its runs with

@@ -111,3 +111,22 @@ def test_every_step_factory_takes_the_same_options_and_names_a_wrong_one():
     mesh = parallel.make_mesh()
     with pytest.raises(TypeError, match="max_grad"):
         parallel.make_sharded_train_step(None, optimizer, mesh, max_grad=1.0)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 1e3])
+def test_clipping_scales_the_update_to_the_clipped_norm(max_grad_norm):
+    """With SGD at learning rate 1 the update is minus the (clipped) gradient: its global
+    norm is `max_grad_norm` when the gradient is longer, the gradient's norm otherwise."""
+    import optax
+    from multihost_worker import setup
+
+    model, params, _, batch = setup()
+    trainable, frozen = jpeft.split(params)
+    step = train.make_train_step(model, optax.sgd(1.0), max_grad_norm=max_grad_norm, donate=False)
+    new, _, metrics = step(trainable, frozen, optax.sgd(1.0).init(trainable), batch, None)
+    update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b), new, trainable)
+    norm = float(np.sqrt(sum(np.sum(u**2) for u in jax.tree.leaves(update))))
+    grad_norm = float(metrics["grad_norm"])  # before clipping
+    assert grad_norm > 1e-3 and grad_norm < 1e3  # so that the two bounds clip and do not
+    expected = grad_norm if max_grad_norm is None else min(grad_norm, max_grad_norm)
+    np.testing.assert_allclose(norm, expected, rtol=1e-4)
