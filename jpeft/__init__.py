@@ -8,6 +8,7 @@ from jpeft import (
     checkpoint,
     data,
     distributed,
+    generation,
     hf,
     lora,
     methods,
@@ -21,12 +22,13 @@ from jpeft import (
     train_state,
     trainer,
     tree,
+    wrapping,
 )
 from jpeft.checkpoint import load_adapter, save_adapter
-from jpeft.generate import generate
+from jpeft.generation import generate
 from jpeft.hf.checkpoints import CheckpointError
 from jpeft.tree import combine, count_parameters, print_trainable_parameters, split, trainable_mask
-from jpeft.wrap import wrap
+from jpeft.wrapping import wrap
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,7 @@ __all__ = [
     "data",
     "distributed",
     "generate",
+    "generation",
     "hf",
     "load_adapter",
     "lora",
@@ -57,4 +60,5 @@ __all__ = [
     "trainable_mask",
     "trainer",
     "wrap",
+    "wrapping",
 ]

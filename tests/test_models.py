@@ -20,7 +20,7 @@ import transformers
 from safetensors.numpy import save_file
 
 import jpeft
-from jpeft.generate import generate_tokens
+from jpeft.generation import generate_tokens
 from jpeft.models import KVPrefix
 
 # jpeft (float32, 'highest' matmul precision from conftest) against torch float32: the

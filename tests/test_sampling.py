@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from multihost_worker import base
 
-from jpeft.generate import generate_tokens
+from jpeft.generation import generate_tokens
 
 DRAWS = 2048
 TV_TOLERANCE = 0.15  # total variation between 2048 draws and the softmax they come from
@@ -68,3 +68,12 @@ def test_a_vanishing_top_p_is_greedy(tiny):
         _tokens(tiny, max_new_tokens=12, temperature=1.0, top_p=1e-9, seed=5), greedy
     )
     assert greedy[0, 0] == int(np.argmax(_first_token_probs(tiny)))
+
+
+def test_the_function_and_its_module_have_different_names():
+    import inspect
+
+    import jpeft
+
+    assert inspect.ismodule(jpeft.generation) and inspect.ismodule(jpeft.wrapping)
+    assert jpeft.generate is jpeft.generation.generate and jpeft.wrap is jpeft.wrapping.wrap

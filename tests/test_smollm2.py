@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import jpeft
-from jpeft.generate import encode_prompts, generate_tokens
+from jpeft.generation import encode_prompts, generate_tokens
 
 LOGITS_TOLERANCE = 1e-3  # float32, 30 layers: summation order differs between XLA and torch
 CACHE_TOLERANCE = 1e-3  # float32, 30 layers: one-token matmuls vs full-sequence ones (seen 2e-4)

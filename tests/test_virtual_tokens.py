@@ -18,7 +18,7 @@ import transformers
 
 import jpeft
 from jpeft import train, tree
-from jpeft.generate import generate_tokens
+from jpeft.generation import generate_tokens
 from jpeft.models import KVPrefix, virtual_tokens
 
 HF_PARITY_ATOL = 1e-4  # float32 both sides; observed ~1e-7 (see test_models.py)
