@@ -29,8 +29,10 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) examples/demo.py
 
+# --dist loadfile: a file's tests share one worker, so its module fixtures (SmolLM2 loaded
+# with transformers, the CLI's trained runs) are built once rather than on both workers.
 test: $(VENV)/.test
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 # Re-resolve the newest versions pyproject.toml allows, in a scratch venv, and pin them all.
 # Then run `make demo` and `make test` on the new lock before committing it.
