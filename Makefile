@@ -29,10 +29,11 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) examples/demo.py
 
-# --dist loadfile: a file's tests share one worker, so its module fixtures (SmolLM2 loaded
-# with transformers, the CLI's trained runs) are built once rather than on both workers.
+# --dist loadgroup: the tests of a file marked xdist_group (its module fixture is costly:
+# SmolLM2 under transformers, the CLI's trained runs) share one worker, so the fixture is
+# built once; all other tests are spread one by one.
 test: $(VENV)/.test
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 # Re-resolve the newest versions pyproject.toml allows, in a scratch venv, and pin them all.
 # Then run `make demo` and `make test` on the new lock before committing it.

@@ -48,7 +48,10 @@ CHAT_TEMPLATE = (
 BAD_ROW = 3  # a chat without an assistant turn
 
 
-pytestmark = pytest.mark.usefixtures("private_compilation_cache")
+pytestmark = [
+    pytest.mark.usefixtures("private_compilation_cache"),
+    pytest.mark.xdist_group("test_cli"),  # one worker builds the `trained` run
+]
 
 
 def _rows() -> list[dict]:

@@ -20,6 +20,8 @@ import jpeft
 TOLERANCE = 1e-5  # float32: the same update, summed over devices in another order
 STEPS = 4
 
+pytestmark = pytest.mark.xdist_group("test_cli_distributed")  # one reference run
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

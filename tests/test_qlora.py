@@ -375,7 +375,7 @@ def test_bad_quantisation_requests_fail_clearly(tiny_llama, tmp_path):
         hf_bnb.save_pretrained_4bit(model, mixed, tmp_path, config={})
 
 
-def test_smollm2_qlora_training_lowers_loss(smollm2_file):
+def test_smollm2_quantizes_to_4_bits_and_a_step_runs_over_it(smollm2_file):
     model, params = jpeft.models.from_pretrained(smollm2_file, dtype=jnp.bfloat16)
     quantised = qlora.quantize(params)  # every linear of the 30 layers, bfloat16 compute
     nodes = [x for _, x in jpeft.tree.iter_nodes(quantised) if isinstance(x, nf4.NF4Weight)]
@@ -388,5 +388,7 @@ def test_smollm2_qlora_training_lowers_loss(smollm2_file):
     ids = np.asarray(tokenizer([text])["input_ids"], np.int32)
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     adapted = lora.apply(quantised, rank=8, targets=["q_proj", "v_proj"], key=jax.random.key(0))
-    _, losses, _ = contract.run_steps(model, adapted, data, steps=4, learning_rate=3e-3)
+    # Two steps: bfloat16 compute over the NF4 base trains (test_cli_qlora trains SmolLM2
+    # over NF4 through the CLI and generates with the adapter).
+    _, losses, _ = contract.run_steps(model, adapted, data, steps=2, learning_rate=3e-3)
     assert losses[-1] < losses[0], losses

@@ -14,6 +14,8 @@ LOGITS_TOLERANCE = 1e-3  # float32, 30 layers: summation order differs between X
 CACHE_TOLERANCE = 1e-3  # float32, 30 layers: one-token matmuls vs full-sequence ones (seen 2e-4)
 PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
+pytestmark = pytest.mark.xdist_group("test_smollm2")  # one worker loads both models
+
 
 @pytest.fixture(scope="module")
 def loaded(smollm2_file):
