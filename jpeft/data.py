@@ -8,8 +8,9 @@ Three row shapes are recognised, by their fields:
 - ``messages``: a chat (``[{"role", "content"}, ...]``) rendered with the tokenizer's chat
   template; the loss covers the assistant turns only, unless ``completion_only=False``.
 
-Rows that cannot be used (missing fields, empty text, longer than ``max_length``) are never
-dropped silently: :func:`tokenize` reports each with its row number and, with
+Rows that cannot be used (a JSONL line that is not JSON or not UTF-8, missing fields, values
+of the wrong type, empty text, a chat the template refuses, longer than ``max_length``) are
+never dropped silently: :func:`tokenize` reports each with its row number and, with
 ``on_bad_row="skip"`` (the default), leaves it out; ``"error"`` raises instead.
 
 Batches have a bounded number of shapes, so a jitted step compiles a bounded number of times:
@@ -20,6 +21,7 @@ are packed into one row with ``segment_ids`` keeping their attention apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -39,6 +41,14 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class BadRow:
+    """A row of a file that could not be read as a row (e.g. a JSONL line that is not JSON);
+    :func:`tokenize` reports it under its row number."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Example:
     """One tokenised example: ``input_ids`` and ``labels`` (IGNORE_INDEX where untrained)."""
 
@@ -46,15 +56,22 @@ class Example:
     labels: list[int]
 
 
-def load_rows(source: str | os.PathLike, split: str = "train") -> list[dict]:
-    """Rows of a local JSONL, JSON, CSV or Parquet file (through :mod:`datasets`), or of a
-    Hugging Face Hub dataset name where the network allows it."""
+def load_rows(source: str | os.PathLike, split: str = "train") -> list[dict | BadRow]:
+    """Rows of a local JSONL, JSON, CSV or Parquet file, or of a Hugging Face Hub dataset name
+    where the network allows it.
+
+    A JSONL file is read line by line: a line that is not UTF-8 or not JSON becomes a
+    :class:`BadRow` at its place (row ``n`` is line ``n + 1``; blank lines count), so one bad
+    line costs one row, not the file. Other formats are read through :mod:`datasets`.
+    """
     import datasets
 
     path = Path(source)
     if path.suffix in _FORMATS:
         if not path.is_file():
             raise DataError(f"{path} does not exist")
+        if path.suffix == ".jsonl":
+            return _jsonl_rows(path)
         try:
             dataset = datasets.load_dataset(
                 _FORMATS[path.suffix], data_files=str(path), split="train"
@@ -64,6 +81,27 @@ def load_rows(source: str | os.PathLike, split: str = "train") -> list[dict]:
     else:
         dataset = datasets.load_dataset(str(source), split=split)
     return list(dataset)
+
+
+def _jsonl_rows(path: Path) -> list[dict | BadRow]:
+    with open(path, "rb") as file:
+        lines = file.read().split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the newline that ends the last line
+    return [_jsonl_row(line) for line in lines]
+
+
+def _jsonl_row(line: bytes) -> dict | BadRow:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return BadRow(f"not valid UTF-8 (byte {err.start})")
+    if not text.strip():
+        return BadRow("an empty line")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return BadRow(f"not JSON: {err.msg} (column {err.colno})")
 
 
 def tokenize(
@@ -77,7 +115,8 @@ def tokenize(
     """Tokenises rows into examples with loss masks.
 
     Args:
-      rows: dicts in one of the three shapes (see the module docstring).
+      rows: dicts in one of the three shapes (see the module docstring), as from
+        :func:`load_rows`; anything else (a :class:`BadRow`, a list, None) is a bad row.
       tokenizer: a transformers tokenizer (with a chat template for ``messages`` rows).
       max_length: the longest example kept, in tokens.
       completion_only: train on completions / assistant turns only.
@@ -92,6 +131,8 @@ def tokenize(
     for number, row in enumerate(rows):
         try:
             example = _tokenize_row(row, tokenizer, completion_only)
+            if not example.input_ids:
+                raise DataError("no tokens")
             if len(example.input_ids) > max_length:
                 raise DataError(f"{len(example.input_ids)} tokens, over max_length {max_length}")
             if all(label == train.IGNORE_INDEX for label in example.labels[1:]):
@@ -107,13 +148,32 @@ def tokenize(
     return examples, problems
 
 
-def _tokenize_row(row: dict, tokenizer: Any, completion_only: bool) -> Example:
+def _tokenize_row(row: Any, tokenizer: Any, completion_only: bool) -> Example:
+    if isinstance(row, BadRow):
+        raise DataError(row.reason)
+    if not isinstance(row, dict):
+        raise DataError(f"a row must be an object with fields, got {type(row).__name__}")
+    try:
+        return _tokenize_fields(row, tokenizer, completion_only)
+    except DataError:
+        raise
+    except Exception as err:  # the tokenizer or chat template refused a value (e.g. a lone
+        # surrogate, a template's raise_exception): the row is bad, the run goes on
+        raise DataError(f"could not be tokenised: {type(err).__name__}: {err}") from err
+
+
+def _tokenize_fields(row: dict, tokenizer: Any, completion_only: bool) -> Example:
     if "messages" in row:
         return _chat(row["messages"], tokenizer, completion_only)
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-            raise DataError("prompt/completion rows need two strings and a non-empty completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(
+                f"prompt and completion must be strings, got {type(prompt).__name__} and "
+                f"{type(completion).__name__}"
+            )
+        if not completion.strip():
+            raise DataError("empty completion")
         prompt_ids = tokenizer(prompt)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         completion_ids = completion_ids + _eos(tokenizer)
@@ -121,7 +181,9 @@ def _tokenize_row(row: dict, tokenizer: Any, completion_only: bool) -> Example:
         return Example(prompt_ids + completion_ids, ignored + completion_ids)
     if "text" in row:
         text = row["text"]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise DataError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
             raise DataError("empty text")
         ids = tokenizer(text)["input_ids"] + _eos(tokenizer)
         return Example(ids, list(ids))
@@ -139,8 +201,14 @@ def _chat(messages: Any, tokenizer: Any, completion_only: bool) -> Example:
     for message in messages:
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise DataError("each message needs 'role' and 'content'")
-        if not isinstance(message["content"], str) or not message["content"].strip():
-            raise DataError(f"empty {message.get('role')} message")
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise DataError(
+                f"a message's role and content must be strings, got {type(role).__name__} "
+                f"and {type(content).__name__}"
+            )
+        if not content.strip():
+            raise DataError(f"empty {role} message")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant message to train on")
 

@@ -7,6 +7,8 @@ import json
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import hf_models
 import jpeft
@@ -49,6 +51,76 @@ def test_bad_rows_are_reported_with_their_number(tokenizer):
     assert "empty text" in problems[0] and "over max_length 256" in problems[3]
     with pytest.raises(data.DataError, match="row 1: empty text"):
         data.tokenize(rows, tokenizer, on_bad_row="error")
+
+
+# Rows as users' files hold them, and worse: wrong types, missing keys, empty and
+# whitespace-only strings, lone surrogates (text that is not valid Unicode), nested junk.
+_JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                  max_size=3),
+    max_leaves=5,
+)
+_TEXT = st.text(st.characters(exclude_categories=()), max_size=40) | st.sampled_from(
+    ["", "   ", "\n", "ok", "\x00", "<|im_end|>", "{{ raise_exception('x') }}"])
+_VALUE = _TEXT | _JUNK
+_MESSAGE = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant", "system", "tool"]) | _VALUE,
+    "content": _VALUE,
+}) | _JUNK
+_ROW = st.one_of(
+    st.fixed_dictionaries({"text": _VALUE}),
+    st.fixed_dictionaries({"prompt": _VALUE, "completion": _VALUE}),
+    st.fixed_dictionaries({"completion": _VALUE}),
+    st.fixed_dictionaries({"messages": st.lists(_MESSAGE, max_size=4) | _VALUE}),
+    st.dictionaries(st.text(max_size=8), _VALUE, max_size=3),
+    _JUNK,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(_ROW, min_size=1, max_size=6))
+def test_generated_rows_are_used_or_reported_by_number(tokenizer, rows):
+    examples, problems = data.tokenize(rows, tokenizer, max_length=256)
+    numbers = [int(p.split(":")[0].removeprefix("row ")) for p in problems]
+    assert len(examples) + len(problems) == len(rows)
+    assert numbers == sorted(set(numbers)) and all(0 <= n < len(rows) for n in numbers)
+    for example in examples:
+        assert 0 < len(example.input_ids) == len(example.labels) <= 256
+        assert any(label != train.IGNORE_INDEX for label in example.labels[1:])
+    if problems:
+        with pytest.raises(data.DataError, match=rf"^row {numbers[0]}: "):
+            data.tokenize(rows, tokenizer, max_length=256, on_bad_row="error")
+    else:
+        assert data.tokenize(rows, tokenizer, max_length=256, on_bad_row="error")[0] == examples
+
+
+def test_a_jsonl_file_with_bad_lines_loses_only_those_rows(tokenizer, tmp_path):
+    lines = [
+        json.dumps({"text": "a good row"}).encode(),
+        b'{"text": "caf\xe9"}',  # Latin-1, not UTF-8
+        b'{"text": "unterminated',
+        b"",
+        json.dumps([1, 2]).encode(),
+        json.dumps({"text": 7}).encode(),
+        json.dumps({"text": "word " * 50_000}).encode(),  # a huge string
+        json.dumps({"prompt": "p", "completion": "another good row"}).encode(),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows = data.load_rows(path)
+    assert len(rows) == len(lines)
+    examples, problems = data.tokenize(rows, tokenizer, max_length=256)
+    assert len(examples) == 2
+    assert problems == [
+        "row 1: not valid UTF-8 (byte 13)",
+        "row 2: not JSON: Unterminated string starting at (column 10)",
+        "row 3: an empty line",
+        "row 4: a row must be an object with fields, got list",
+        "row 5: text must be a string, got int",
+        problems[5],
+    ]
+    assert problems[5].startswith("row 6: ") and "over max_length 256" in problems[5]
 
 
 def test_local_files_of_every_format(tmp_path):
