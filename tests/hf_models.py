@@ -27,10 +27,13 @@ CONFIGS = {
 }
 
 
-def make(kind: str, folder, seed: int = 0):
-    """Builds a random `kind` model, saves it to `folder` and returns it (eval mode)."""
+def make(kind: str, folder, seed: int = 0, initializer_range: float | None = None):
+    """Builds a random `kind` model, saves it to `folder` and returns it (eval mode).
+    `initializer_range`: the weights' standard deviation, when not transformers' 0.02."""
     torch.manual_seed(seed)
     config = CONFIGS[kind]()
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms start at 1 and biases at 0: randomise them to test them
         for name, p in model.named_parameters():

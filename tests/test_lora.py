@@ -23,7 +23,7 @@ PEFT_LOGITS_TOLERANCE = 1e-5  # float32, same factors: only summation order diff
 @pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2"])
 def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    hf = hf_models.make(request.param, folder)
+    hf = hf_models.make(request.param, folder, initializer_range=contract.INIT_STD)
     model, params = jpeft.models.from_pretrained(folder)
     return request.param, hf, model, params
 
@@ -117,7 +117,7 @@ def _ours(config: peft.LoraConfig) -> lora.LoraConfig:
 def test_forward_matches_peft_with_the_same_factors(tiny, use_rslora, tmp_path):
     """PEFT's LoRA with random (non-identity) factors, copied into jpeft: same logits."""
     kind, _, model, params = tiny
-    hf = hf_models.make(kind, tmp_path)
+    hf = hf_models.make(kind, tmp_path, initializer_range=contract.INIT_STD)
     targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_rslora=use_rslora,
                              init_lora_weights=False, layers_to_transform=[1])
@@ -213,14 +213,17 @@ def test_extract_attach_round_trip(tiny):
 
 
 def test_frozen_base_in_bfloat16_trains_float32_adapters(tmp_path):
-    hf_models.make("llama", tmp_path)
+    hf_models.make("llama", tmp_path, initializer_range=contract.INIT_STD)
     model, params = jpeft.models.from_pretrained(tmp_path, dtype=jnp.bfloat16)
     adapted = lora.apply(params, rank=4, targets="all-linear", key=jax.random.key(0))
-    trained, losses, _ = contract.run_steps(model, adapted, contract.batch(97), steps=6)
+    trained, losses, _ = contract.run_steps(
+        model, adapted, contract.batch(97), contract.OVERFIT_MAX_STEPS,
+        contract.OVERFIT_LEARNING_RATE, contract.OVERFIT_FRACTION,
+    )
     trainable, frozen = jpeft.split(trained)
     assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
     assert jnp.dtype(jnp.bfloat16) in {x.dtype for x in jax.tree.leaves(frozen)}
-    assert losses[-1] < losses[0]
+    assert losses[-1] < contract.OVERFIT_FRACTION * losses[0], losses
 
 
 def test_mask_labels_an_optax_multi_transform(tiny):
@@ -248,5 +251,5 @@ def test_real_model_lora_step_lowers_loss(smollm2_file):
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     adapted = lora.apply(params, rank=8, targets=["q_proj", "v_proj"], key=jax.random.key(0))
     _, losses, _ = contract.run_steps(model, adapted, data, steps=4, learning_rate=3e-3)
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < 0.8 * losses[0], losses  # seen 0.75 after 4 steps
 

@@ -61,7 +61,7 @@ def merge(params):
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    hf_models.make(request.param, folder)
+    hf_models.make(request.param, folder, initializer_range=contract.INIT_STD)
     model, params = jpeft.models.from_pretrained(folder)
     return request.param, model, params
 

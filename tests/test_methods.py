@@ -17,7 +17,7 @@ from jpeft import methods, tree
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    hf_models.make(request.param, folder)
+    hf_models.make(request.param, folder, initializer_range=contract.INIT_STD)
     return jpeft.models.from_pretrained(folder)
 
 

@@ -54,7 +54,7 @@ def _load_bnb(folder, **options):
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
-    hf_models.make("llama", folder)
+    hf_models.make("llama", folder, initializer_range=contract.INIT_STD)
     return jpeft.models.from_pretrained(folder)
 
 
@@ -304,6 +304,42 @@ def test_jpeft_quantised_model_loads_in_transformers(tiny64, tmp_path):
     np.testing.assert_array_equal(_logits(back_model, back, data), out)
 
 
+def test_a_qlora_adapter_saves_and_exports_without_its_4bit_base(tiny64, tmp_path):
+    """LoRA trained over an NF4 base: the Orbax adapter and the HF PEFT export hold the
+    factors only; both load back onto the quantised base bitwise, and peft computes jpeft's
+    logits with the export over the same 4-bit base in transformers + bitsandbytes."""
+    model, params = jpeft.models.from_pretrained(tiny64)
+    quantised = qlora.quantize(params, compute_dtype=jnp.float32)
+    adapted = lora.apply(quantised, rank=4, targets=["q_proj", "v_proj", "down_proj"],
+                         key=jax.random.key(1), init_lora_weights=False)  # B != 0
+
+    jpeft.save_adapter(adapted, tmp_path / "adapter")
+    saved = jpeft.checkpoint.read_adapter_metadata(tmp_path / "adapter")
+    assert {name for e in saved["entries"] for name in e["arrays"]} == {"a", "b", "scale"}
+    loaded = jpeft.load_adapter(quantised, tmp_path / "adapter")
+    assert jax.tree.structure(loaded) == jax.tree.structure(adapted)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(adapted), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    folder = jpeft.hf.export_peft(adapted, tmp_path / "hf", base_model_name_or_path=str(tiny64))
+    tensors = safetensors.numpy.load_file(str(folder / "adapter_model.safetensors"))
+    assert all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    assert len(tensors) == 2 * 3 * 2  # A and B of three modules in two layers
+    imported = jpeft.hf.import_peft(quantised, folder)
+    for got, want in zip(jax.tree.leaves(imported), jax.tree.leaves(adapted), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    data = contract.batch(97)  # peft over the same 4-bit bytes, as bitsandbytes loads them
+    config = checkpoints.read_config(tiny64)
+    hf_bnb.save_pretrained_4bit(model, quantised, tmp_path / "base", config=config)
+    hf = peft.PeftModel.from_pretrained(_load_bnb(tmp_path / "base"), folder)
+    assert type(hf.base_model.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    expected = hf_models.hf_logits(hf, data["input_ids"], data["attention_mask"])
+    out = _logits(model, adapted, data)
+    np.testing.assert_allclose(out[_valid(data)], expected[_valid(data)], atol=BNB_LOGITS_TOLERANCE)
+    assert np.abs(out - _logits(model, quantised, data)).max() > 1e-3  # the adapter counts
+
+
 def _rewrite(folder, edit):
     path = folder / "model.safetensors"
     tensors = dict(safetensors.numpy.load_file(str(path)))
@@ -391,4 +427,4 @@ def test_smollm2_quantizes_to_4_bits_and_a_step_runs_over_it(smollm2_file):
     # Two steps: bfloat16 compute over the NF4 base trains (test_cli_qlora trains SmolLM2
     # over NF4 through the CLI and generates with the adapter).
     _, losses, _ = contract.run_steps(model, adapted, data, steps=2, learning_rate=3e-3)
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < 0.95 * losses[0], losses  # seen 0.93 after 2 steps

@@ -7,6 +7,7 @@ extended; prefix: `past_key_values` holding the prefix); and the loss, a train s
 
 from __future__ import annotations
 
+import contract
 import hf_models
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ VOCAB = 97
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    hf = hf_models.make(request.param, folder)
+    hf = hf_models.make(request.param, folder, initializer_range=contract.INIT_STD)
     model, params = jpeft.models.from_pretrained(folder)
     return hf, model, params
 
@@ -124,14 +125,17 @@ def test_loss_and_train_step_take_the_entry_unchanged(tiny, kind):
     assert [x.shape for x in jax.tree.leaves(trainable)] == [
         x.w.shape for x in jax.tree.leaves(entry, is_leaf=lambda n: isinstance(n, tree.Node))
     ]
-    optimizer = optax.adam(5e-2)
+    optimizer = optax.adam(contract.OVERFIT_LEARNING_RATE)
     step = train.make_train_step(model, optimizer, donate=False)
     opt_state = optimizer.init(trainable)
     losses = []
-    for i in range(6):
-        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
+    while len(losses) < contract.OVERFIT_MAX_STEPS and (
+        len(losses) < 2 or losses[-1] >= contract.OVERFIT_FRACTION * losses[0]
+    ):
+        key = jax.random.key(len(losses))
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, key)
         losses.append(float(metrics["loss"]))
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < contract.OVERFIT_FRACTION * losses[0], losses  # overfits one batch
     assert int(metrics["tokens"]) == int(mask[:, 1:].sum())  # virtual tokens carry no labels
 
 
