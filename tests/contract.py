@@ -103,6 +103,16 @@ def run_steps(model, params, data, steps: int, learning_rate: float = 1e-2,
     return jpeft.combine(trainable, frozen), losses, step
 
 
+def overfit(model, params, data):
+    """Trains on one batch until the loss is below OVERFIT_FRACTION of its start (at most
+    OVERFIT_MAX_STEPS) and asserts it got there; returns (params, losses, the step function)."""
+    trained, losses, step = run_steps(
+        model, params, data, OVERFIT_MAX_STEPS, OVERFIT_LEARNING_RATE, OVERFIT_FRACTION
+    )
+    assert losses[-1] < OVERFIT_FRACTION * losses[0], losses
+    return trained, losses, step
+
+
 def check_merge_equals_unmerged(model, params, merge, data):
     """Merged and unmerged give the same logits; a method whose nodes do not fold into the
     weights (no ``value`` rule) is refused by `merge` with an error naming it."""
@@ -139,10 +149,7 @@ def check_all(model, params, add, merge, data, trainable_names, directory):
     adapted = add(params, jax.random.key(0))
     check_jit_equals_eager(model, adapted, data)
     check_gradients_only_on_adapters(model, adapted, data, trainable_names)
-    trained, losses, step = run_steps(
-        model, adapted, data, OVERFIT_MAX_STEPS, OVERFIT_LEARNING_RATE, OVERFIT_FRACTION
-    )
-    assert losses[-1] < OVERFIT_FRACTION * losses[0], losses  # overfitting one batch
+    trained, _, step = overfit(model, adapted, data)
     assert step._cache_size() == 1  # the second step compiled nothing
     check_save_load_round_trip(params, trained, directory)
     check_merge_equals_unmerged(model, trained, merge, data)

@@ -12,7 +12,6 @@ from gguf import GGMLQuantizationType
 from jpeft.hf.gguf import read_gguf
 
 
-
 def _write(path, arch, metadata, tensors):
     """Write a GGUF file: `metadata` maps GGUFWriter `add_*` suffixes to values, `tensors` maps
     names to arrays or `(raw bytes, GGML type)` pairs."""
