@@ -7,8 +7,13 @@ megabytes rather than the gigabytes of the model::
 
     adapter/
       jpeft_adapter.json       format version, the user's config, and per entry: its tree
-                               path, node type, static fields, array shapes and dtypes
+                               path, node type, static fields, array shapes, dtypes and
+                               SHA-256 digests
       jpeft_arrays_<id>/       the arrays, an Orbax checkpoint of a nested dict
+
+A load checks every array against its digest, so a damaged file ends in a
+:class:`CheckpointError` rather than an adapter with silently different values (folders
+written before digests were recorded load unchecked).
 
 The JSON file is the commit point. A save writes a new arrays folder beside the old one,
 then replaces ``jpeft_adapter.json`` with one :func:`os.replace` (atomic) and only then
@@ -128,7 +133,8 @@ def read_adapter_metadata(directory: str | os.PathLike) -> dict:
       A dict with ``format_version``, ``arrays`` (the arrays folder's name), ``config`` (as
       given to :func:`save_adapter`, or None) and ``entries``: per adapter entry its
       ``path`` (the tree keys), ``type`` (the node kind: ``"lora"``, ``"trainable"``, ...),
-      ``static`` fields and ``arrays`` (name to ``{"shape", "dtype"}``).
+      ``static`` fields and ``arrays`` (name to ``{"shape", "dtype", "sha256"}``; folders
+      saved before digests were recorded have none).
 
     Raises:
       CheckpointError: a missing folder, a missing or corrupt JSON file, an unknown format
@@ -182,8 +188,8 @@ def load_adapter(base_params: Any, directory: str | os.PathLike) -> Any:
     Raises:
       CheckpointError: (a ``ValueError``) a missing folder, a missing or corrupt JSON file,
         an unknown format version or node type, stored arrays that disagree with the JSON
-        file, or an adapter that does not fit `base_params` (naming the path and both
-        shapes).
+        file (in shape, dtype or digest), or an adapter that does not fit `base_params`
+        (naming the path and both shapes).
 
     Example::
 
@@ -207,7 +213,11 @@ def load_adapter(base_params: Any, directory: str | os.PathLike) -> Any:
             raise CheckpointError(f"{arrays_dir} cannot be read by Orbax: {err}") from err
         orbax_arrays.check_stored(stored, expected, str(arrays_dir), str(directory / METADATA_FILE))
         target = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in expected.items()}
-        arrays = checkpointer.restore(arrays_dir, orbax_arrays.nest(target))
+        try:
+            arrays = checkpointer.restore(arrays_dir, orbax_arrays.nest(target))
+        except Exception as err:  # as above: a damaged array file fails in many ways
+            raise CheckpointError(f"{arrays_dir} cannot be read by Orbax: {err}") from err
+    _check_digests(metadata, arrays, arrays_dir)
 
     adapter: dict = {}
     for entry in metadata["entries"]:
@@ -244,7 +254,10 @@ def describe_adapter(directory: str | os.PathLike) -> dict:
             {
                 "path": orbax_arrays.dotted(entry["path"]),
                 "kind": entry["type"],
-                "arrays": entry["arrays"],
+                "arrays": {
+                    name: {"shape": spec["shape"], "dtype": spec["dtype"]}
+                    for name, spec in entry["arrays"].items()
+                },
                 "static": entry["static"],
                 "parameters": _node(entry, shapes, directory).parameter_count()[0],
             }
@@ -286,7 +299,11 @@ def _describe(keys: tuple, node: tree.Node) -> tuple[dict, dict[str, Any]]:
         "type": node.kind,
         "static": static,
         "arrays": {
-            name: {"shape": list(jnp.shape(x)), "dtype": jnp.dtype(jnp.result_type(x)).name}
+            name: {
+                "shape": list(jnp.shape(x)),
+                "dtype": jnp.dtype(jnp.result_type(x)).name,
+                "sha256": checkpoints.digest(np.asarray(x)),
+            }
             for name, x in arrays.items()
         },
     }
@@ -307,6 +324,22 @@ def _check_layout(metadata: dict) -> None:
             )
         for spec in entry["arrays"].values():
             _shape_dtype(spec)
+            if not isinstance(spec.get("sha256", ""), str):
+                raise TypeError(f"entry {orbax_arrays.dotted(entry['path'])}: bad digest")
+
+
+def _check_digests(metadata: dict, arrays: dict, arrays_dir: Path) -> None:
+    """Raises a CheckpointError naming the first restored array whose bytes differ from the
+    digest recorded at save time."""
+    for entry in metadata["entries"]:
+        for name, spec in entry["arrays"].items():
+            keys = (*map(str, entry["path"]), name)
+            value = np.asarray(tree.get_path(arrays, keys))
+            if "sha256" in spec and checkpoints.digest(value) != spec["sha256"]:
+                raise CheckpointError(
+                    f"{arrays_dir} is corrupt: array {orbax_arrays.dotted(keys)} differs from "
+                    f"the digest in {METADATA_FILE}"
+                )
 
 
 def _shape_dtype(spec: dict) -> tuple[tuple[int, ...], np.dtype]:

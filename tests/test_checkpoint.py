@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from hashlib import sha256
 from pathlib import Path
 
 import hf_models
@@ -76,7 +77,9 @@ def test_round_trip_is_exact(build, tmp_path, kind, options):
     entries = {".".join(e["path"]): e for e in metadata["entries"]}
     q = entries["model.layers.self_attn.q_proj.weight"]
     assert q["type"] == "lora"
-    assert q["arrays"]["a"] == {"shape": [2, 32, 4], "dtype": "float32"}
+    a = np.asarray(params["model"]["layers"]["self_attn"]["q_proj"]["weight"].a)
+    digest = sha256(a.tobytes()).hexdigest()
+    assert q["arrays"]["a"] == {"shape": [2, 32, 4], "dtype": "float32", "sha256": digest}
     assert q["static"] == {
         "dropout": options.get("lora_dropout", 0.0),
         "layers": options.get("layers_to_transform"),

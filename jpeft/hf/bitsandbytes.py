@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
 from jpeft import models, tree
 from jpeft import targets as targeting
@@ -208,7 +207,7 @@ def save_pretrained_4bit(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors.numpy.save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    checkpoints.write_safetensors(tensors, folder / WEIGHTS_FILE)
 
 
 def _quantization_config(config: dict, path: Path) -> dict:

@@ -4,10 +4,17 @@ A safetensors file is an 8-byte little-endian header length, a JSON header mappi
 tensor name to ``{"dtype", "shape", "data_offsets"}``, then the raw bytes. jpeft reads it
 itself (memory-mapped, bfloat16 through ``ml_dtypes``) so that a truncated or foreign file
 gives an error naming the file and the problem rather than a failure deep inside a reader.
+
+The format carries no checksum, so a flipped bit in tensor data reads as another valid
+number. Files that jpeft writes (:func:`write_safetensors`: merged models, PEFT exports,
+4-bit checkpoints) therefore carry a SHA-256 digest of every tensor in the header's
+``__metadata__`` (key ``jpeft.sha256``, a JSON object from tensor name to hex digest),
+which the reader checks; other readers (transformers, peft) ignore the extra key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -36,6 +43,24 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+_DIGESTS_KEY = "jpeft.sha256"
+
+
+def digest(array: np.ndarray) -> str:
+    """The SHA-256 hex digest of an array's bytes in C order (its shape and dtype are
+    checked separately by every reader)."""
+    return hashlib.sha256(np.asarray(array, order="C").reshape(-1).view(np.uint8)).hexdigest()
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Writes `tensors` as a safetensors file that transformers and peft read (``format``
+    ``pt``), with the digest of each tensor in its metadata for :func:`read_safetensors`."""
+    import safetensors.numpy
+
+    tensors = {name: np.asarray(array, order="C") for name, array in tensors.items()}
+    digests = json.dumps({name: digest(array) for name, array in tensors.items()})
+    metadata = {"format": "pt", _DIGESTS_KEY: digests}
+    safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -73,7 +98,12 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as (memory-mapped) numpy arrays."""
+    """All tensors of one safetensors file as (memory-mapped) numpy arrays.
+
+    Raises:
+      CheckpointError: a missing, truncated or corrupt file, including a tensor whose bytes
+        differ from the digest a jpeft-written file records.
+    """
     return dict(_iter_safetensors(Path(path)))
 
 
@@ -84,16 +114,16 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[list[int
     Raises:
       CheckpointError: a missing, truncated or corrupt file.
     """
-    header, _ = _read_header(Path(path))
+    header, _, _ = _read_header(Path(path))
     try:
         return {name: (list(info["shape"]), str(info["dtype"])) for name, info in header.items()}
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path} has a malformed safetensors header: {err}") from err
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (without ``__metadata__``) and the offset of
-    its data."""
+def _read_header(path: Path) -> tuple[dict, int, dict[str, str] | None]:
+    """The JSON header of a safetensors file (without ``__metadata__``), the offset of its
+    data, and the tensor digests its metadata records (None in files jpeft did not write)."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     size = path.stat().st_size
@@ -113,12 +143,25 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {err}") from err
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
-    header.pop("__metadata__", None)
-    return header, 8 + header_len
+    return header, 8 + header_len, _digests(header.pop("__metadata__", None), path)
+
+
+def _digests(metadata: object, path: Path) -> dict[str, str] | None:
+    if not isinstance(metadata, dict) or _DIGESTS_KEY not in metadata:
+        return None
+    try:
+        digests = json.loads(metadata[_DIGESTS_KEY])
+    except (TypeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} has corrupt tensor digests in its metadata: {err}") from err
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise CheckpointError(f"{path} has corrupt tensor digests in its metadata")
+    return digests
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    header, data_start = _read_header(path)
+    header, data_start, digests = _read_header(path)
+    if digests is not None and set(digests) != set(header):
+        raise CheckpointError(f"{path}: the tensors of its header and of its digests differ")
     size = path.stat().st_size
     data = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
     for name, info in header.items():
@@ -141,8 +184,13 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
                 f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} "
                 f"but the file has {size}"
             )
-        raw = data[data_start + begin : data_start + end]
-        yield name, raw.view(dtype).reshape(shape)
+        array = data[data_start + begin : data_start + end].view(dtype).reshape(shape)
+        if digests is not None and digest(array) != digests[name]:
+            raise CheckpointError(
+                f"{path} is corrupt: the bytes of tensor {name!r} differ from the digest "
+                "recorded when jpeft wrote the file"
+            )
+        yield name, array
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

@@ -29,6 +29,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from jpeft.hf.checkpoints import CheckpointError
+
 _DECODER_GLOBAL = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -87,14 +89,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     ``qwen2``, ``qwen3`` and ``gpt2`` architectures.
 
     Raises:
-        ValueError: if the file is missing, not GGUF, truncated, of an unsupported architecture, or
-            holds a tensor that cannot be dequantised or has no HF counterpart.
+        CheckpointError: (a ``ValueError``) if the file is missing, not GGUF, truncated or
+            corrupt, of an unsupported architecture, or holds a tensor that cannot be
+            dequantised or has no HF counterpart; the message starts with the path.
     """
     reader = open_reader(path)
     try:
         return _read(reader)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def _read(reader: GGUFReader) -> tuple[dict, dict[str, np.ndarray]]:
@@ -136,7 +139,8 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[list[i
     Reads no tensor data.
 
     Raises:
-        ValueError: if the file is missing, not GGUF, truncated or corrupt.
+        CheckpointError: (a ``ValueError``) if the file is missing, not GGUF, truncated or
+            corrupt.
     """
     reader = open_reader(path)
     metadata = {
@@ -152,18 +156,42 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[list[i
 
 
 def open_reader(path: str | os.PathLike) -> GGUFReader:
-    """Open and parse ``path``, turning I/O and parse failures into a ``ValueError`` naming it."""
+    """Open and parse ``path``, turning I/O and parse failures into a
+    :class:`CheckpointError` naming it.
+
+    GGUF has no checksum; beyond what the reader parses, this checks that every tensor's
+    data is aligned as the file declares, lies inside the file and overlaps no other
+    tensor's, so that a damaged offset or shape cannot make a tensor read another's bytes.
+    """
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise ValueError(f"{path}: cannot open GGUF file: {e}") from e
+        raise CheckpointError(f"{path}: cannot open GGUF file: {e}") from e
     if magic != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        return GGUFReader(path)
-    except (OSError, ValueError, IndexError) as e:
-        raise ValueError(f"{path}: truncated or corrupt GGUF file: {e}") from e
+        reader = GGUFReader(path)
+        _check_tensor_layout(reader, size)
+    except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file: {e}") from e
+    return reader
+
+
+def _check_tensor_layout(reader: GGUFReader, size: int) -> None:
+    """Raises ValueError unless the tensors' byte ranges are aligned, disjoint and in the
+    file."""
+    end = reader.data_offset
+    for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
+        name, begin = tensor.name, int(tensor.data_offset)
+        if (begin - reader.data_offset) % reader.alignment:
+            raise ValueError(f"tensor {name!r} is not aligned to {reader.alignment} bytes")
+        if begin < end:
+            raise ValueError(f"tensor {name!r} overlaps the data of another tensor")
+        end = begin + int(tensor.n_bytes)
+        if end > size or tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(f"tensor {name!r} ends at byte {end}, past the end of the file")
 
 
 def metadata_value(reader: GGUFReader, key: str, default=_REQUIRED):

@@ -7,7 +7,8 @@ The format (peft 0.21, ``get_peft_model_state_dict``):
   Linear and GPT-2 Conv1D alike); trained biases are ``<module>.base_layer.bias`` on adapted
   modules and ``<module>.bias`` elsewhere; ``modules_to_save`` weights are
   ``<module>.weight``;
-- tensors are float32 with safetensors metadata ``{"format": "pt"}``;
+- tensors are float32 with safetensors metadata ``{"format": "pt"}`` (jpeft adds each
+  tensor's digest, checked on import: :func:`jpeft.hf.checkpoints.write_safetensors`);
 - the config is peft's ``LoraConfig.to_dict()``, sorted, with ``inference_mode: true``.
 
 On export, jpeft writes the smallest config that reproduces its nodes exactly: the most
@@ -29,11 +30,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
 from jpeft import lora, tree
 from jpeft import targets as targeting
-from jpeft.hf.checkpoints import CheckpointError, read_safetensors
+from jpeft.hf.checkpoints import CheckpointError, read_safetensors, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -150,7 +150,7 @@ def export_peft(
     folder = Path(out_dir) if adapter_name == "default" else Path(out_dir) / adapter_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors.numpy.save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(tensors, folder / WEIGHTS_FILE)
     return folder
 
 

@@ -137,8 +137,6 @@ def save_pretrained(
       ValueError: `config` names no ``architectures`` (transformers could not load the
         folder).
     """
-    import safetensors.numpy
-
     if not config.get("architectures"):
         raise ValueError(
             "the base model's config names no 'architectures'; transformers could not load "
@@ -154,7 +152,7 @@ def save_pretrained(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors.numpy.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    checkpoints.write_safetensors(state, out / "model.safetensors")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return state

@@ -82,12 +82,12 @@ def read(
     if missing or unexpected:
         raise checkpoints.CheckpointError(
             f"checkpoint{where} does not fit a {model.config.model_type} model with this "
-            f"config: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            f"config: missing {_few(missing)}, unexpected {_few(unexpected, tensors)}"
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != tuple(shape):
             raise checkpoints.CheckpointError(
-                f"tensor {name}{where} has shape {tuple(tensors[name].shape)}, "
+                f"tensor {_few([name], tensors)}{where} has shape {tuple(tensors[name].shape)}, "
                 f"expected {tuple(shape)} from the config"
             )
     params: dict = {}
@@ -130,8 +130,11 @@ def write(model: Any, params: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _few(names: list[str], limit: int = 5) -> str:
+def _few(names: list[str], tensors: dict | None = None, limit: int = 5) -> str:
+    """Up to `limit` of `names`, each with the file that holds it where `tensors` tells
+    (the memory maps of :func:`jpeft.hf.checkpoints.read_safetensors` know their file)."""
     if not names:
         return "none"
-    shown = ", ".join(names[:limit])
+    files = {n: getattr(tensors[n], "filename", None) for n in names} if tensors else {}
+    shown = ", ".join(f"{n} (in {files[n]})" if files.get(n) else n for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
