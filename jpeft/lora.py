@@ -384,8 +384,14 @@ and the trained weights whole. Small enough to save."""
 attach = tree.attach
 """Puts an adapter from :func:`extract` back onto a base tree (:func:`jpeft.tree.attach`)."""
 
+
+def _apply_method(params: dict, *, config: LoraConfig, key: jax.Array, model: Any) -> dict:
+    """:func:`apply` under the method protocol (LoRA needs no model: the tree is enough)."""
+    return apply(params, config=config, key=key)
+
+
 methods.register(
     methods.Method(
-        name="lora", title="LoRA", config_class=LoraConfig, apply=apply, peft_type="LORA"
+        name="lora", title="LoRA", config_class=LoraConfig, apply=_apply_method, peft_type="LORA"
     )
 )

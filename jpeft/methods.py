@@ -1,8 +1,10 @@
 """The registry of PEFT methods: what ``jpeft train --method`` and the contract tests choose among.
 
 A method is one file: a config dataclass with Hugging Face PEFT's field names, an ``apply``
-function that adds the method's nodes to a parameter tree, and the node classes themselves
-(their protocol is in :mod:`jpeft.tree`). The file registers the method once::
+function that adds the method's nodes to a parameter tree, the node classes themselves
+(their protocol is in :mod:`jpeft.tree`) and, where PEFT has the method, its conversion to
+and from PEFT's adapter files (:mod:`jpeft.hf.peft_format` calls it). The file registers the
+method once::
 
     methods.register(methods.Method(
         name="lora", title="LoRA", config_class=LoraConfig, apply=apply, peft_type="LORA"))
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 # The modules of the methods jpeft ships; importing one registers its method.
-_BUILTIN_MODULES = ("jpeft.lora",)
+_BUILTIN_MODULES = ("jpeft.lora", "jpeft.prompt_tuning", "jpeft.prefix_tuning")
 _METHODS: dict[str, Method] = {}
 
 
@@ -33,9 +35,18 @@ class Method:
       title: the method's name in help texts and messages, e.g. ``"LoRA"``.
       config_class: its config dataclass (keyword-only fields with HF PEFT's names and
         defaults); the fields with ``metadata["help"]`` are ``jpeft train`` options.
-      apply: ``apply(params, *, config, key) -> params`` with the method's nodes added.
+      apply: ``apply(params, *, config, key, model) -> params`` with the method's nodes
+        added (`model`: the jpeft model of `params`, for methods that need its shape).
       peft_type: Hugging Face PEFT's ``peft_type`` for the method, or None where peft has
         none.
+      identity_at_init: whether the adapted model starts equal to the base (LoRA's zero
+        ``B``); methods that add virtual tokens do not.
+      to_peft: ``to_peft(params) -> (config fields, tensors)`` for PEFT's
+        ``adapter_config.json`` and ``adapter_model.safetensors``, or None when `params`
+        hold none of this method's nodes; None: exported by :mod:`jpeft.hf.peft_format`
+        itself (LoRA) or not at all.
+      from_peft: ``from_peft(base_params, config, tensors) -> params``, the inverse
+        (raising ValueError on files that do not fit).
     """
 
     name: str
@@ -43,6 +54,9 @@ class Method:
     config_class: type
     apply: Callable[..., Any]
     peft_type: str | None = None
+    identity_at_init: bool = True
+    to_peft: Callable[[Any], tuple[dict, dict] | None] | None = None
+    from_peft: Callable[[Any, dict, dict], Any] | None = None
 
     def adapter_config(self, config: Any, **extra: Any) -> dict[str, Any]:
         """The JSON-ready description of an adapter made with `config`, stored with it."""
@@ -79,6 +93,17 @@ def get(name: str) -> Method:
     if name not in _METHODS:
         raise ValueError(f"unknown PEFT method {name!r}; registered: {', '.join(names())}")
     return _METHODS[name]
+
+
+def all_methods() -> tuple[Method, ...]:
+    """Every registered method, the built-in ones included, by name."""
+    return tuple(get(name) for name in names())
+
+
+def with_peft_type(peft_type: str) -> Method | None:
+    """The registered method with PEFT's `peft_type` (e.g. ``"PROMPT_TUNING"``), if any."""
+    _import_builtin()
+    return next((m for m in _METHODS.values() if m.peft_type == peft_type), None)
 
 
 def _import_builtin() -> None:

@@ -12,6 +12,9 @@ A node class declares, in one place, everything the rest of jpeft needs to know 
 * ``trainable_fields``: which fields train (the optax mask, :func:`split`, the counts);
 * ``base_field``: the field holding the base weight it adapts, dropped by :func:`extract`
   and filled again by :func:`attach` (None: the node replaces the weight whole);
+* ``standalone``: True for a node that is an entry of its own rather than a stand-in for a
+  base weight (the virtual tokens of prompt and prefix tuning): :func:`attach` adds it where
+  the base has nothing, and it never folds into the weights;
 * ``rng_field`` and :meth:`Node.rng_shape`: where per-layer PRNG keys go in a training step
   (:func:`with_rng`), e.g. for dropout;
 * :meth:`Node.adapted_shape` and :meth:`Node.parameter_count`;
@@ -65,6 +68,7 @@ class Node:
     trainable_fields: ClassVar[tuple[str, ...]] = ()
     base_field: ClassVar[str | None] = None
     rng_field: ClassVar[str | None] = None
+    standalone: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -159,6 +163,12 @@ def node_type(kind: str) -> type:
     return _KINDS[kind]
 
 
+def folds(node: Node) -> bool:
+    """Whether `node` folds into a dense weight (:func:`materialize`): it has a ``value``
+    rule and is not a standalone entry."""
+    return not node.standalone and nn.has_rule("value", node)
+
+
 def materialize(params: Any) -> Any:
     """Replaces every node by the dense array it stands for (:func:`jpeft.nn.value`).
 
@@ -168,7 +178,7 @@ def materialize(params: Any) -> Any:
     """
 
     def dense(x: Any) -> Any:
-        if isinstance(x, Node) and not nn.has_rule("value", x):
+        if isinstance(x, Node) and not folds(x):
             raise TypeError(
                 f"{type(x).__name__} ({x.kind or 'a weight stand-in'}) does not fold into "
                 "the base weights: merge is not supported for this method"
@@ -201,6 +211,9 @@ def attach(base_params: Any, adapter: dict) -> Any:
         path = ".".join(map(str, keys))
         if not isinstance(value, Node):
             raise TypeError(f"adapter entry {path} is a {type(value).__name__}, not a node")
+        if value.standalone:
+            set_path(new, keys, value)
+            continue
         try:
             base = get_path(new, keys)
         except (KeyError, TypeError):

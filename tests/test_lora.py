@@ -17,7 +17,9 @@ import hf_models
 import jpeft
 from jpeft import lora
 
-PEFT_LOGITS_TOLERANCE = 1e-5  # float32, same factors: only summation order differs
+# float32, same factors: only summation order differs (seen up to 1.04e-5 on an AVX-512 EPYC,
+# where torch and XLA sum logits of size ~10 in different orders)
+PEFT_LOGITS_TOLERANCE = 2e-5
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2"])

@@ -173,7 +173,7 @@ class ChannelScaleConfig:
     init: float = dataclasses.field(default=1.0, metadata={"help": "initial scale"})
 
 
-def apply_channel_scales(params, *, config, key):
+def apply_channel_scales(params, *, config, key, model):
     scaled = add_channel_scales(params, key, config.target_modules)
     return jax.tree.map(
         lambda x: dataclasses.replace(x, s=x.s * config.init) if isinstance(x, ChannelScale) else x,

@@ -28,11 +28,12 @@ def test_every_registered_method_passes_the_contract(name, tiny, tmp_path):
     config = method.config_class()
 
     def add(p, key):
-        return method.apply(p, config=config, key=key)
+        return method.apply(p, config=config, key=key, model=model)
 
     trained = contract.check_all(
-        model, params, add, tree.materialize, contract.batch(97), None, tmp_path / "adapter"
-    )
+        model, params, add, tree.materialize, contract.batch(97), None, tmp_path / "adapter",
+        identity=method.identity_at_init,
+    )  # fmt: skip
     saved = jpeft.checkpoint.read_adapter_metadata(tmp_path / "adapter")
     nodes = {keys: x for keys, x in tree.iter_nodes(tree.extract(trained))}
     assert {tuple(e["path"]): e["type"] for e in saved["entries"]} == {
@@ -41,7 +42,8 @@ def test_every_registered_method_passes_the_contract(name, tiny, tmp_path):
 
 
 def test_builtin_methods_are_registered():
-    assert "lora" in methods.names()
+    assert {"lora", "prompt_tuning", "prefix_tuning"} <= set(methods.names())
+    assert methods.with_peft_type("PREFIX_TUNING") is methods.get("prefix_tuning")
     lora = methods.get("lora")
     assert lora.config_class is jpeft.lora.LoraConfig and lora.peft_type == "LORA"
     config = lora.adapter_config(

@@ -163,5 +163,5 @@ def test_bad_adapters_fail_with_the_problem_and_the_file(tmp_path):
 
 
 def test_export_without_adapter_fails(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA adapter"):
+    with pytest.raises(ValueError, match="no adapter to export"):
         jpeft.hf.export_peft({"w": {"weight": jnp.zeros((2, 2))}}, tmp_path)

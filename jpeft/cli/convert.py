@@ -99,7 +99,10 @@ def merge(args: argparse.Namespace) -> int:
 
     model_path = existing(args.model, "model")
     model, base = load_model(model_path, args.dtype)
-    merged = tree.materialize(with_adapter(base, args.adapter))
+    try:
+        merged = tree.materialize(with_adapter(base, args.adapter))
+    except TypeError as err:  # prompt or prefix tuning: nothing to fold into the weights
+        raise UsageError(f"{args.adapter}: {err}") from err
     tokenizer = load_tokenizer(model_path, required=False)
     state = models.save_pretrained(
         model, merged, args.out, config=models.read_config(model_path), tokenizer=tokenizer

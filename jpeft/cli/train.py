@@ -170,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
         model, base = load_model(model_path, output.dtype)
     else:
         model, base = _load_quantized(model_path, output)
-    params = method.apply(base, config=method_config, key=jax.random.key(train_config.seed))
+    params = method.apply(
+        base, config=method_config, key=jax.random.key(train_config.seed), model=model
+    )
     tree.print_trainable_parameters(params)
     if output.resume:
         at = train_state.latest_step(state_dir)

@@ -11,6 +11,10 @@ The format (peft 0.21, ``get_peft_model_state_dict``):
   tensor's digest, checked on import: :func:`jpeft.hf.checkpoints.write_safetensors`);
 - the config is peft's ``LoraConfig.to_dict()``, sorted, with ``inference_mode: true``.
 
+Methods other than LoRA convert themselves (:class:`jpeft.methods.Method`'s ``to_peft`` and
+``from_peft``, e.g. prompt and prefix tuning's ``prompt_embeddings``); this module writes and
+reads their folders the same way, choosing the method by ``peft_type`` on import.
+
 On export, jpeft writes the smallest config that reproduces its nodes exactly: the most
 common rank and α as ``r``/``lora_alpha``, the rest as ``rank_pattern``/``alpha_pattern``,
 and target names made unambiguous (``attn.c_proj`` rather than ``c_proj`` when only one of
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import lora, tree
+from jpeft import lora, methods, tree
 from jpeft import targets as targeting
 from jpeft.hf.checkpoints import CheckpointError, read_safetensors, write_safetensors
 
@@ -70,11 +74,12 @@ def export_peft(
     adapter_name: str = "default",
     task_type: str | None = "CAUSAL_LM",
 ) -> Path:
-    """Writes the LoRA adapter of `params` as a Hugging Face PEFT adapter folder.
+    """Writes the adapter of `params` as a Hugging Face PEFT adapter folder.
 
     Args:
       params: a tree with :class:`jpeft.lora.LoraWeight` nodes (and optional trained biases
-        or ``modules_to_save`` weights).
+        or ``modules_to_save`` weights), or the adapter of another method PEFT has (a soft
+        prompt, a prefix).
       out_dir: the folder to write; a non-default `adapter_name` goes in a sub-folder, as
         ``PeftModel.save_pretrained`` does.
       base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
@@ -84,11 +89,28 @@ def export_peft(
       The folder holding the two files.
 
     Raises:
-      ValueError: the tree holds no LoRA adapter.
+      ValueError: the tree holds no adapter PEFT can read.
     """
+    folder = Path(out_dir) if adapter_name == "default" else Path(out_dir) / adapter_name
+    common = {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "peft_version": _PEFT_FORMAT_VERSION,
+        "revision": None,
+        "task_type": task_type,
+    }
+    for method in methods.all_methods():
+        found = method.to_peft(params) if method.to_peft is not None else None
+        if found is not None:
+            config, tensors = found
+            return _write(folder, {**common, "modules_to_save": None, **config}, tensors)
     adapted, trained = _adapter_entries(params)
     if not adapted:
-        raise ValueError("params hold no LoRA adapter to export (apply jpeft.lora first)")
+        raise ValueError(
+            "params hold no adapter to export (apply jpeft.lora, jpeft.prompt_tuning or "
+            "jpeft.prefix_tuning first)"
+        )
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -143,11 +165,12 @@ def export_peft(
         bias="all" if "all" in bias_modes else ("lora_only" if bias_modes else "none"),
         modules_to_save=modules_to_save or None,
         fan_in_fan_out=any(n in ("c_attn", "c_proj", "c_fc") for n in adapted_names),
-        base_model_name_or_path=base_model_name_or_path,
-        task_type=task_type,
-        inference_mode=True,
+        **common,
     )
-    folder = Path(out_dir) if adapter_name == "default" else Path(out_dir) / adapter_name
+    return _write(folder, config, tensors)
+
+
+def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_safetensors(tensors, folder / WEIGHTS_FILE)
@@ -179,6 +202,9 @@ def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
     if not weights_path.is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
     tensors = dict(read_safetensors(weights_path))
+    method = methods.with_peft_type(config["peft_type"])
+    if method is not None and method.from_peft is not None:
+        return _import_with(method, base_params, config, tensors, weights_path)
     lora_config = _lora_config(config, folder / CONFIG_FILE)
     try:
         # The key only initialises factors that the file then overwrites.
@@ -234,6 +260,25 @@ def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
             f"{unused[:5]}{' ...' if len(unused) > 5 else ''}"
         )
     return params
+
+
+def _import_with(method, base_params: dict, config: dict, tensors: dict, weights_path: Path):
+    """`method`'s own import of a PEFT adapter, with its errors naming the file."""
+    expected = {"prompt_embeddings"}
+    if set(tensors) != expected:
+        raise CheckpointError(
+            f"{weights_path} holds {sorted(tensors)}; a {config['peft_type']} adapter holds "
+            f"{sorted(expected)}"
+        )
+    if config.get("modules_to_save"):
+        raise CheckpointError(
+            f"{weights_path.parent / CONFIG_FILE}: modules_to_save with {method.title} is not "
+            "implemented by jpeft's importer"
+        )
+    try:
+        return method.from_peft(base_params, config, tensors)
+    except ValueError as err:
+        raise CheckpointError(f"{weights_path}: {err}") from err
 
 
 def read_config(folder: str | os.PathLike) -> dict:

@@ -153,6 +153,25 @@ class DecoderLM(abc.ABC):
     def tied(self) -> bool:
         return bool(self.config.tie_word_embeddings)
 
+    @property
+    def learned_positions(self) -> int | None:
+        """How many positions a learned position table holds (GPT-2's ``n_positions``), or
+        None for rotary positions, which have no table to run out of."""
+        return None
+
+    def _check_positions(self, slots: int, kv_prefix: KVPrefix | None) -> None:
+        """Refuses sequences (or caches) whose positions, after a prefix's, would run past a
+        learned position table: JAX would clamp the index and compute silently wrong."""
+        prefix = 0 if kv_prefix is None else kv_prefix.k.shape[2]
+        limit = self.learned_positions
+        if limit is not None and prefix + slots > limit:
+            virtual = f"{prefix} prefix tokens and " if prefix else ""
+            raise ValueError(
+                f"{type(self).__name__} has {limit} learned positions; {virtual}{slots} "
+                "tokens (soft-prompt tokens included, and every slot of a cache) need "
+                f"{prefix + slots}"
+            )
+
     def layer_windows(self) -> np.ndarray:
         """``[l]`` int32 sliding-window size of each layer (int32 max for full attention)."""
         return np.full((self.num_layers,), FULL_ATTENTION, np.int32)
@@ -281,6 +300,7 @@ class DecoderLM(abc.ABC):
             embeds = tokens if tokens.ndim == 3 else nn.embed(tokens, self.embedding(params))
             tokens, new_valid = virtual_tokens.prepend(prompt, embeds, new_valid)
             steps += virtual
+        self._check_positions(steps if cache is None else cache.valid.shape[1], kv_prefix)
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.next_position
         if kv_prefix is not None:  # the prefix holds positions 0..p-1, as in HF PEFT
             start = start + kv_prefix.k.shape[2]

@@ -101,6 +101,10 @@ class GPT2(decoder.DecoderLM):
         return self.config.n_embd // self.config.n_head
 
     @property
+    def learned_positions(self) -> int:
+        return self.config.n_positions
+
+    @property
     def attention_scale(self) -> float:
         return self.head_dim**-0.5 if self.config.scale_attn_weights else 1.0
 

@@ -91,6 +91,12 @@ def read(model: Any, params: Any, shapes_only: bool = False) -> tuple[Any, KVPre
     return prompt, prefix
 
 
+def check_count(num_virtual_tokens: Any) -> None:
+    """Raises ValueError unless `num_virtual_tokens` is a positive integer."""
+    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be at least 1, got {num_virtual_tokens}")
+
+
 def prompt_length(model: Any, params: Any) -> int:
     """How many soft-prompt tokens `params` prepends to each sequence (the cache slots they
     take in generation)."""
