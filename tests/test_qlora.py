@@ -332,7 +332,9 @@ def test_a_qlora_adapter_saves_and_exports_without_its_4bit_base(tiny64, tmp_pat
     data = contract.batch(97)  # peft over the same 4-bit bytes, as bitsandbytes loads them
     config = checkpoints.read_config(tiny64)
     hf_bnb.save_pretrained_4bit(model, quantised, tmp_path / "base", config=config)
-    hf = peft.PeftModel.from_pretrained(_load_bnb(tmp_path / "base"), folder)
+    # from_pretrained leaves peft in eval mode, where bitsandbytes would repack the weights
+    # (see _load_bnb): back to train mode, the same function here (no dropout).
+    hf = peft.PeftModel.from_pretrained(_load_bnb(tmp_path / "base"), folder).train()
     assert type(hf.base_model.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     expected = hf_models.hf_logits(hf, data["input_ids"], data["attention_mask"])
     out = _logits(model, adapted, data)
