@@ -12,7 +12,8 @@ counted nor exported).
 
 Options, names and defaults are Hugging Face PEFT's ``LoraConfig``; initialisation is PEFT's:
 ``A`` kaiming-uniform (``U(±1/√in)``) and ``B = 0``, so the adapted model starts equal to the
-base.
+base. ``use_dora=True`` makes the nodes :class:`jpeft.dora.DoraWeight` (weight-decomposed
+LoRA, with a trained magnitude per output column).
 
 Example::
 
@@ -52,6 +53,8 @@ class LoraConfig:
       bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
         layers train).
       use_rslora: scale by ``α / √r`` (rank-stabilised LoRA).
+      use_dora: weight-decomposed LoRA (:mod:`jpeft.dora`): the nodes are
+        :class:`jpeft.dora.DoraWeight`, with a trained magnitude per output column.
       init_lora_weights: True (kaiming-uniform A, zero B), ``"gaussian"`` (A normal with
         standard deviation ``1/r``, zero B) or False (A and B both random: not an identity,
         for tests).
@@ -63,7 +66,7 @@ class LoraConfig:
       modules_to_save: modules trained in full beside the adapter (e.g. ``["lm_head"]``).
 
     The fields with ``metadata["help"]`` are also ``jpeft train`` options (``--rank``,
-    ``--alpha``, ``--targets``, ``--dropout``, ``--rslora``, ``--layers``).
+    ``--alpha``, ``--targets``, ``--dropout``, ``--rslora``, ``--use-dora``, ``--layers``).
     """
 
     r: int = dataclasses.field(
@@ -103,6 +106,14 @@ class LoraConfig:
     use_rslora: bool = dataclasses.field(
         default=False,
         metadata={"help": "rank-stabilised LoRA: scale by alpha/sqrt(r)", "flag": "--rslora"},
+    )
+    use_dora: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "DoRA: train a magnitude per output column of each adapted weight too "
+            "(jpeft.dora)",
+            "flag": "--use-dora",
+        },
     )
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
@@ -217,10 +228,19 @@ class LoraWeight(tree.Node):
 
 @nn.register("linear", LoraWeight)
 def _linear(x: jax.Array, node: LoraWeight) -> jax.Array:
-    y = nn.linear(x, node.w)
-    if node.dropout_key is not None and node.dropout > 0:
-        keep = jax.random.bernoulli(node.dropout_key, 1 - node.dropout, x.shape)
-        x = jnp.where(keep, x / (1 - node.dropout), 0).astype(x.dtype)
+    return nn.linear(x, node.w) + low_rank_update(dropout_input(x, node), node)
+
+
+def dropout_input(x: jax.Array, node: LoraWeight) -> jax.Array:
+    """`x` with the node's dropout applied (inside a training step), else `x` itself."""
+    if node.dropout_key is None or node.dropout == 0:
+        return x
+    keep = jax.random.bernoulli(node.dropout_key, 1 - node.dropout, x.shape)
+    return jnp.where(keep, x / (1 - node.dropout), 0).astype(x.dtype)
+
+
+def low_rank_update(x: jax.Array, node: LoraWeight) -> jax.Array:
+    """``s · (x @ A) @ B`` in `x`'s dtype, factored."""
     a, b = node.a.astype(x.dtype), node.b.astype(x.dtype)
     if x.ndim > 2 and a.ndim == 2:
         # One token axis: the gradients of A and B then contract over a single axis.
@@ -229,14 +249,19 @@ def _linear(x: jax.Array, node: LoraWeight) -> jax.Array:
         delta = ((x.reshape(-1, x.shape[-1]) @ a) @ b).reshape(*x.shape[:-1], b.shape[-1])
     else:
         delta = (x @ a) @ b
-    return y + delta * node.scale.astype(x.dtype)
+    return delta * node.scale.astype(x.dtype)
+
+
+def delta_weight(node: LoraWeight) -> jax.Array:
+    """``s · A @ B``, ``[..., in, out]`` float32: what the adapter adds to the weight."""
+    delta = jnp.einsum("...ir,...ro->...io", node.a, node.b)
+    return delta.astype(jnp.float32) * jnp.asarray(node.scale, jnp.float32)[..., None, None]
 
 
 @nn.register("value", LoraWeight)
 def _merged(node: LoraWeight) -> jax.Array:
     w = nn.value(node.w)
-    delta = jnp.einsum("...ir,...ro->...io", node.a, node.b) * node.scale[..., None, None]
-    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+    return (w.astype(jnp.float32) + delta_weight(node)).astype(w.dtype)
 
 
 def apply(
@@ -341,7 +366,7 @@ def _init_node(
     else:
         b = jnp.zeros((*lead, r, fan_out), jnp.float32)
     all_layers = not module.stacked or len(layers) == len(module.names)
-    return LoraWeight(
+    node = LoraWeight(
         w=weight,
         a=a,
         b=b,
@@ -350,6 +375,11 @@ def _init_node(
         layers=None if all_layers else tuple(layers),
         rslora=config.use_rslora,
     )
+    if config.use_dora:
+        from jpeft import dora  # here, not at the top: jpeft.dora imports this module
+
+        return dora.decompose(node)
+    return node
 
 
 def _mark_modules_to_save(params: dict, names: Sequence[str]) -> None:
@@ -371,8 +401,9 @@ def _mark_modules_to_save(params: dict, names: Sequence[str]) -> None:
 def merge(params: dict) -> dict:
     """Folds every adapter into its base weight: a plain tree of arrays for serving.
 
-    ``W + s·A@B`` is computed in float32 and stored in ``W``'s dtype; trained biases and
-    `modules_to_save` weights become plain arrays.
+    ``W + s·A@B`` (DoRA: its columns rescaled to the magnitude, :mod:`jpeft.dora`) is
+    computed in float32 and stored in ``W``'s dtype; trained biases and `modules_to_save`
+    weights become plain arrays.
     """
     return tree.materialize(params)
 

@@ -8,8 +8,9 @@ LoRA nodes. A layer then computes
 
 with ``dequant(W₄)`` formed inside the jitted step, one layer at a time under the layer
 scan, in the compute dtype (bitsandbytes' ``bnb_4bit_compute_dtype``); only ``A`` and ``B``
-train. The 4-bit layout is bitsandbytes', so checkpoints move both ways between jpeft and
-transformers + bitsandbytes (:mod:`jpeft.hf.bitsandbytes`).
+train (and DoRA's magnitude with ``use_dora=True``: QDoRA). The 4-bit layout is
+bitsandbytes', so checkpoints move both ways between jpeft and transformers + bitsandbytes
+(:mod:`jpeft.hf.bitsandbytes`).
 
 Example::
 
@@ -22,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -162,6 +164,7 @@ def merge(params: dict, *, requantize: bool = False, dtype: Any = None) -> dict:
 
         W' = dequant(W₄) + s · A @ B
 
+    (for DoRA, QDoRA, each column of it rescaled to the magnitude: :mod:`jpeft.dora`),
     summed in float32 and stored in `dtype`: exactly the function the adapter was trained
     with, up to the rounding of ``W'`` to `dtype`. Unadapted NF4 weights are dequantised,
     other adapters merged as :func:`jpeft.lora.merge` does (which, over NF4 bases, gives
@@ -202,9 +205,8 @@ def merge(params: dict, *, requantize: bool = False, dtype: Any = None) -> dict:
             return value
         target = jnp.dtype(base.compute_dtype if dtype is None else dtype)
         merged = nn.value(base).astype(jnp.float32)
-        if base is not value:
-            delta = jnp.einsum("...ir,...ro->...io", value.a, value.b)
-            merged = merged + delta * value.scale[..., None, None]
+        if base is not value:  # the node's own rule folds it in (LoRA's or DoRA's), in float32
+            merged = nn.value(dataclasses.replace(value, w=merged))
         merged = merged.astype(target)
         if not requantize:
             return merged

@@ -162,8 +162,8 @@ def _entry(metadata: dict) -> dict:
         (None, r"jpeft_adapter\.json is not valid JSON"),
         (lambda m: m.update(format_version=99), r"jpeft_adapter\.json has format version 99"),
         (
-            lambda m: _entry(m).update(type="dora"),
-            r"q_proj\.weight: unknown adapter node kind 'dora'",
+            lambda m: _entry(m).update(type="vera"),
+            r"q_proj\.weight: unknown adapter node kind 'vera'",
         ),
         (lambda m: m.pop("entries"), r"jpeft_adapter\.json is malformed: KeyError"),
         (lambda m: m.update(arrays="../elsewhere"), r"jpeft_adapter\.json is malformed"),

@@ -187,8 +187,6 @@ def test_unsupported_options_fail_loudly():
         lora.LoraConfig(init_lora_weights="pissa")
     with pytest.raises(ValueError, match="bias"):
         lora.LoraConfig(bias="some")
-    with pytest.raises(TypeError):
-        lora.LoraConfig(use_dora=True)  # DoRA is a later issue: not silently ignored
     with pytest.raises(ValueError, match=r"fan_in_fan_out=True is not needed in jpeft"):
         lora.LoraConfig(fan_in_fan_out=True)
     with pytest.raises(TypeError, match="key"):  # required: no silent default seed

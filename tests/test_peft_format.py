@@ -146,7 +146,7 @@ def test_bad_adapters_fail_with_the_problem_and_the_file(tmp_path):
             jpeft.hf.import_peft(params, folder)
 
     fails("peft_type 'IA3' is not implemented", peft_type="IA3")
-    fails("use_dora=True is not supported", use_dora=True)
+    fails("lora_bias=True is not supported", lora_bias=True)
     fails("pissa.*modified base", init_lora_weights="pissa")
     fails("does not fit the base model.*match no module", target_modules=["nope_proj"])
     fails("has shape", r=3)

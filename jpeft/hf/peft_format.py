@@ -4,9 +4,10 @@ The format (peft 0.21, ``get_peft_model_state_dict``):
 
 - keys are ``base_model.model.<HF module name>.lora_A.weight`` ``[r, in]`` and
   ``...lora_B.weight`` ``[out, r]`` (jpeft's ``a [in, r]`` and ``b [r, out]`` transposed, for
-  Linear and GPT-2 Conv1D alike); trained biases are ``<module>.base_layer.bias`` on adapted
-  modules and ``<module>.bias`` elsewhere; ``modules_to_save`` weights are
-  ``<module>.weight``;
+  Linear and GPT-2 Conv1D alike); DoRA (``use_dora: true``) adds
+  ``...lora_magnitude_vector`` ``[out]`` (jpeft's ``magnitude``); trained biases are
+  ``<module>.base_layer.bias`` on adapted modules and ``<module>.bias`` elsewhere;
+  ``modules_to_save`` weights are ``<module>.weight``;
 - tensors are float32 with safetensors metadata ``{"format": "pt"}`` (jpeft adds each
   tensor's digest, checked on import: :func:`jpeft.hf.checkpoints.write_safetensors`);
 - the config is peft's ``LoraConfig.to_dict()``, sorted, with ``inference_mode: true``.
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import lora, methods, tree
+from jpeft import dora, lora, methods, tree
 from jpeft import targets as targeting
 from jpeft.hf.checkpoints import CheckpointError, read_safetensors, write_safetensors
 
@@ -47,7 +48,6 @@ _PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose LoraConfig fields are 
 # peft LoraConfig fields that change the model in ways jpeft does not implement, with the
 # value that means "off".
 _UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -77,9 +77,9 @@ def export_peft(
     """Writes the adapter of `params` as a Hugging Face PEFT adapter folder.
 
     Args:
-      params: a tree with :class:`jpeft.lora.LoraWeight` nodes (and optional trained biases
-        or ``modules_to_save`` weights), or the adapter of another method PEFT has (a soft
-        prompt, a prefix).
+      params: a tree with :class:`jpeft.lora.LoraWeight` nodes, or all of them
+        :class:`jpeft.dora.DoraWeight` (and optional trained biases or ``modules_to_save``
+        weights), or the adapter of another method PEFT has (a soft prompt, a prefix).
       out_dir: the folder to write; a non-default `adapter_name` goes in a sub-folder, as
         ``PeftModel.save_pretrained`` does.
       base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
@@ -89,7 +89,8 @@ def export_peft(
       The folder holding the two files.
 
     Raises:
-      ValueError: the tree holds no adapter PEFT can read.
+      ValueError: the tree holds no adapter PEFT can read, or LoRA nodes that one config
+        cannot describe (different dropouts, rsLoRA or DoRA on some nodes only).
     """
     folder = Path(out_dir) if adapter_name == "default" else Path(out_dir) / adapter_name
     common = {
@@ -114,24 +115,28 @@ def export_peft(
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    dropouts, rslora, layer_sets = set(), set(), set()
+    dropouts, rslora, use_dora, layer_sets = set(), set(), set(), set()
     for module, node in adapted:
         layers = node.layers if node.layers is not None else range(len(module.names))
         a, b = np.asarray(node.a, np.float32), np.asarray(node.b, np.float32)
+        magnitude = _magnitude(node)
         node_alphas = np.asarray(node.alphas(), np.float64).reshape(-1)
         for i in layers:
             name = module.names[i]
             index = (i,) if module.stacked else ()
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[index].T)
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[index].T)
+            if magnitude is not None:
+                tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude[index]
             ranks[name] = node.rank
             alphas[name] = float(node_alphas[i if module.stacked else 0])
         dropouts.add(node.dropout)
         rslora.add(node.rslora)
+        use_dora.add(magnitude is not None)
         layer_sets.add(None if node.layers is None else tuple(node.layers))
-    if len(dropouts) > 1 or len(rslora) > 1:
+    if len(dropouts) > 1 or len(rslora) > 1 or len(use_dora) > 1:
         raise ValueError(
-            "adapters with different lora_dropout or use_rslora cannot share one "
+            "adapters with different lora_dropout, use_rslora or use_dora cannot share one "
             "adapter_config.json"
         )
     adapted_names = {m.names[0].split(".")[-1] for m, _ in adapted}
@@ -162,6 +167,7 @@ def export_peft(
         layers_to_transform=layers_to_transform,
         lora_dropout=dropouts.pop(),
         use_rslora=rslora.pop(),
+        use_dora=use_dora.pop(),
         bias="all" if "all" in bias_modes else ("lora_only" if bias_modes else "none"),
         modules_to_save=modules_to_save or None,
         fan_in_fan_out=any(n in ("c_attn", "c_proj", "c_fc") for n in adapted_names),
@@ -182,7 +188,7 @@ def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
 
     Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
     ``target_modules`` (list or regex), ``exclude_modules``, ``layers_to_transform``,
-    ``layers_pattern``, ``bias``, ``modules_to_save`` and ``lora_dropout``.
+    ``layers_pattern``, ``bias``, ``modules_to_save``, ``lora_dropout`` and ``use_dora``.
 
     Args:
       base_params: the base model's tree (from :func:`jpeft.models.from_pretrained`).
@@ -230,13 +236,18 @@ def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
         module = modules.get(tuple(keys[:-1]))
         if isinstance(value, lora.LoraWeight):
             a, b = np.array(value.a), np.array(value.b)
+            magnitude = _magnitude(value)
             layers = value.layers if value.layers is not None else range(len(module.names))
             for i in layers:
                 index = (i,) if module.stacked else ()
-                name = module.names[i]
-                a[index] = take(f"{_PREFIX}{name}.lora_A.weight", a[index].T.shape).T
-                b[index] = take(f"{_PREFIX}{name}.lora_B.weight", b[index].T.shape).T
-            return _replace(value, a=a, b=b)
+                name = _PREFIX + module.names[i]
+                a[index] = take(f"{name}.lora_A.weight", a[index].T.shape).T
+                b[index] = take(f"{name}.lora_B.weight", b[index].T.shape).T
+                if magnitude is not None:
+                    magnitude[index] = take(f"{name}.lora_magnitude_vector", magnitude[index].shape)
+            if magnitude is None:
+                return _replace(value, a=a, b=b)
+            return _replace(value, a=a, b=b, magnitude=magnitude)
         if isinstance(value, tree.Trainable):
             stacked = np.array(value.w)
             for i, name in enumerate(module.names):
@@ -320,6 +331,7 @@ def _lora_config(config: dict, path: Path) -> lora.LoraConfig:
             lora_dropout=float(config.get("lora_dropout") or 0.0),
             bias=config.get("bias", "none"),
             use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
             layers_to_transform=config.get("layers_to_transform"),
             layers_pattern=config.get("layers_pattern"),
             rank_pattern=dict(config.get("rank_pattern") or {}),
@@ -408,6 +420,13 @@ def _most_common_with_exceptions(values: dict[str, Any], adapted, all_modules):
         else:
             pattern.update({re.escape(n): values[n] for n in differing})
     return common, pattern
+
+
+def _magnitude(node: lora.LoraWeight) -> np.ndarray | None:
+    """A copy of a DoRA node's magnitude ``[..., out]`` in float32, None for plain LoRA."""
+    if isinstance(node, dora.DoraWeight):
+        return np.array(node.magnitude, np.float32)
+    return None
 
 
 def _number(x: float) -> float | int:
