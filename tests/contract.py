@@ -38,6 +38,18 @@ def batch(vocab: int, shape=(2, 12), seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask > 0, ids, -100)}
 
 
+def top_level_float_arrays(jaxpr, sizes) -> list:
+    """The float arrays made at the top level of `jaxpr` (outside any scan) whose size is
+    one of `sizes`: e.g. a whole stack of dequantised weights that should only exist one
+    layer at a time, inside the layer scan."""
+    return [
+        v.aval
+        for eqn in jaxpr.eqns
+        for v in eqn.outvars
+        if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.size in sizes
+    ]
+
+
 def _jitted_logits(model, params, data) -> np.ndarray:
     forward = jax.jit(lambda p, i, m: model(p, i, attention_mask=m))
     return np.asarray(forward(params, data["input_ids"], data["attention_mask"]))

@@ -299,12 +299,7 @@ def test_a_qdora_step_dequantises_per_layer_and_never_forms_w_plus_ab(tiny_llama
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr
     stacked_sizes = {n.w.codes.shape[0] * n.w.shape[0] * n.w.shape[1] for n in nodes}
-    outside = [
-        v.aval
-        for eqn in jaxpr.eqns
-        for v in eqn.outvars
-        if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.size in stacked_sizes
-    ]
+    outside = contract.top_level_float_arrays(jaxpr, stacked_sizes)
     assert not outside, outside
     weight_shapes = {n.w.shape for n in nodes}
     products = [

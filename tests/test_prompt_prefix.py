@@ -269,6 +269,10 @@ def test_bad_input_is_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"prefix keys/values have shapes \[\(3, 3,"):
         model(foreign, _ids())
 
+    both = prompt_tuning.apply(adapted, model=model, num_virtual_tokens=P, key=key)
+    with pytest.raises(ValueError, match=r"\['prefix tuning', 'prompt tuning'\]; a PEFT adapter"):
+        jpeft.hf.export_peft(both, tmp_path / "both")
+
     # A PEFT file whose tensor does not fit its own config.
     out = jpeft.hf.export_peft(adapted, tmp_path / "hf")
     path = out / "adapter_model.safetensors"

@@ -150,12 +150,7 @@ def test_dequantisation_stays_inside_the_layer_scan(tiny_llama):
     quantised = qlora.quantize(params, compute_dtype=jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p: model(p, contract.batch(97)["input_ids"]))(quantised)
     stacked_sizes = {2 * 32 * 32, 2 * 32 * 16, 2 * 32 * 48}
-    outside = [
-        v.aval
-        for eqn in jaxpr.eqns
-        for v in eqn.outvars
-        if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.size in stacked_sizes
-    ]
+    outside = contract.top_level_float_arrays(jaxpr, stacked_sizes)
     assert not outside, outside
     assert any(eqn.primitive.name == "scan" for eqn in jaxpr.eqns)
 

@@ -101,12 +101,18 @@ def export_peft(
         "revision": None,
         "task_type": task_type,
     }
-    for method in methods.all_methods():
-        found = method.to_peft(params) if method.to_peft is not None else None
-        if found is not None:
-            config, tensors = found
-            return _write(folder, {**common, "modules_to_save": None, **config}, tensors)
     adapted, trained = _adapter_entries(params)
+    found = {m.title: m.to_peft(params) for m in methods.all_methods() if m.to_peft is not None}
+    found = {title: x for title, x in found.items() if x is not None}
+    if len(found) + bool(adapted) > 1:
+        held = sorted(found) + (["LoRA"] if adapted else [])
+        raise ValueError(
+            f"params hold adapters of {held}; a PEFT adapter folder holds one method: "
+            "export each from a tree of its own"
+        )
+    if found:
+        ((config, tensors),) = found.values()
+        return _write(folder, {**common, "modules_to_save": None, **config}, tensors)
     if not adapted:
         raise ValueError(
             "params hold no adapter to export (apply jpeft.lora, jpeft.prompt_tuning or "
