@@ -222,7 +222,7 @@ def _from_peft(base_params: dict, config: dict, tensors: dict[str, np.ndarray]) 
 
 methods.register(
     methods.Method(
-        name="prefix_tuning",
+        name="prefix",
         title="prefix tuning",
         config_class=PrefixTuningConfig,
         apply=apply,

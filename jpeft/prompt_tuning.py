@@ -192,7 +192,7 @@ def _from_peft(base_params: dict, config: dict, tensors: dict[str, np.ndarray]) 
 
 methods.register(
     methods.Method(
-        name="prompt_tuning",
+        name="prompt",
         title="prompt tuning",
         config_class=PromptTuningConfig,
         apply=apply,

@@ -298,8 +298,8 @@ def test_learned_positions_are_not_overrun_by_virtual_tokens(tmp_path):
             model(adapted, _ids(shape=(1, model.learned_positions - P + 1)))
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
-def test_the_cli_trains_generates_exports_and_imports(method, tmp_path, capsys):
+@pytest.mark.parametrize("method,kind", [("prompt", "prompt_tuning"), ("prefix", "prefix_tuning")])
+def test_the_cli_trains_generates_exports_and_imports(method, kind, tmp_path, capsys):
     import test_cli
 
     tiny = test_cli.make_tiny_chat_model(tmp_path)
@@ -308,7 +308,7 @@ def test_the_cli_trains_generates_exports_and_imports(method, tmp_path, capsys):
     extra = ["--num-virtual-tokens", "4", "--max-steps", "3", "--batch-size", "4", "--no-progress"]
     assert cli.main([str(a) for a in (*argv, *extra)]) == 0, capsys.readouterr().err
     metadata = jpeft.checkpoint.read_adapter_metadata(out / "adapter")
-    assert {e["type"] for e in metadata["entries"]} == {method}
+    assert {e["type"] for e in metadata["entries"]} == {kind}
     assert metadata["config"]["num_virtual_tokens"] == 4
     capsys.readouterr()
     for adapter in (out / "adapter", out / "hf_adapter"):  # jpeft's and peft's folders
@@ -321,6 +321,14 @@ def test_the_cli_trains_generates_exports_and_imports(method, tmp_path, capsys):
         ["import-hf", str(tiny["model"]), "--adapter", str(out / "hf_adapter"),
          "--out", str(tmp_path / "imported")]
     ) == 0  # fmt: skip
+    assert cli.main(
+        ["export-hf", str(tiny["model"]), "--adapter", str(out / "adapter"),
+         "--out", str(tmp_path / "exported")]
+    ) == 0  # fmt: skip
+    np.testing.assert_array_equal(
+        *(safetensors.numpy.load_file(d / "adapter_model.safetensors")["prompt_embeddings"]
+          for d in (out / "hf_adapter", tmp_path / "exported"))
+    )  # fmt: skip
     _, base = jpeft.models.from_pretrained(tiny["model"])
     trained = jpeft.load_adapter(base, out / "adapter")
     imported = jpeft.load_adapter(base, tmp_path / "imported")
