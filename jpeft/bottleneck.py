@@ -393,14 +393,35 @@ def _init_node(weight: Any, config: BnConfig, key: jax.Array) -> BottleneckAdapt
     learned = None
     if config.scaling in LEARNED_SCALINGS:
         learned = jnp.ones((*lead, 1 if config.scaling == "learned" else hidden), jnp.float32)
-    return BottleneckAdapter(
-        w=weight,
+    return make_node(
+        weight,
+        config,
         down=down,
         down_bias=jnp.zeros((*lead, units), jnp.float32),
         up=up,
         up_bias=jnp.zeros((*lead, hidden), jnp.float32),
         learned_scaling=learned,
-        scaling=1.0 if learned is not None else float(config.scaling),
+    )
+
+
+def make_node(
+    weight: Any, config: BnConfig, *, down, down_bias, up, up_bias, learned_scaling=None
+) -> BottleneckAdapter:
+    """A :class:`BottleneckAdapter` on `weight` with these arrays and `config`'s options
+    (`learned_scaling` is needed exactly when ``config.scaling`` is learned)."""
+    if (learned_scaling is None) != (config.scaling not in LEARNED_SCALINGS):
+        raise ValueError(
+            f"scaling={config.scaling!r} "
+            + ("needs a learned scaling array" if learned_scaling is None else "takes no array")
+        )
+    return BottleneckAdapter(
+        w=weight,
+        down=down,
+        down_bias=down_bias,
+        up=up,
+        up_bias=up_bias,
+        learned_scaling=learned_scaling,
+        scaling=1.0 if learned_scaling is not None else float(config.scaling),
         non_linearity=config.non_linearity.lower(),
         is_parallel=config.is_parallel,
         original_ln_before=config.original_ln_before,
