@@ -273,6 +273,8 @@ def test_export_refuses_what_one_adapterhub_config_cannot_hold(tiny, tmp_path):
     with pytest.raises(ValueError, match="params hold no bottleneck adapter"):
         jpeft.hf.export_adapterhub(params, tmp_path)
     both = bottleneck.apply(params, model=model, key=jax.random.key(0), mh_adapter=True)
+    with pytest.raises(ValueError, match="PEFT does not have.*jpeft.hf.export_adapterhub"):
+        jpeft.hf.export_peft(both, tmp_path)
     path = bottleneck.placements(model, bottleneck.BnConfig())["output_adapter"]
     entry = tree.get_path(both, path)
     entry["weight"] = dataclasses.replace(entry["weight"], non_linearity="swish")
