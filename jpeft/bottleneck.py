@@ -86,15 +86,11 @@ _UNSUPPORTED = {
 
 
 def _parse_scaling(text: Any) -> float | str:
-    """``--scaling``: a number, or ``learned`` / ``channel``."""
-    if isinstance(text, str) and text.strip() in LEARNED_SCALINGS:
-        return text.strip()
+    """``--scaling``: a number, or a word (:class:`BnConfig` takes ``learned``/``channel``)."""
     try:
         return float(text)
     except ValueError:
-        raise ValueError(
-            f"scaling {text!r} is neither a number nor one of {LEARNED_SCALINGS}"
-        ) from None
+        return str(text).strip()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -328,14 +324,14 @@ def bottleneck_size(hidden: int, reduction_factor: float) -> int:
     return units
 
 
-def placements(model: Any, config: BnConfig) -> dict[str, tuple[str, ...]]:
-    """``{option: module path}`` of the projections `config` puts adapters on in a tree of
-    `model` (a jpeft model or its class), e.g. ``{"output_adapter": ("model", "layers",
-    "mlp", "down_proj")}``."""
+def placements(model: Any, config: BnConfig | None = None) -> dict[str, tuple[str, ...]]:
+    """``{option: module path}`` of the projections `config` (None: any config) puts
+    adapters on in a tree of `model` (a jpeft model or its class), e.g.
+    ``{"output_adapter": ("model", "layers", "mlp", "down_proj")}``."""
     return {
         option: tuple(model.layers_path) + tuple(getattr(model, attribute))
         for option, attribute in LOCATIONS.items()
-        if getattr(config, option)
+        if config is None or getattr(config, option)
     }
 
 

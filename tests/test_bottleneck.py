@@ -343,3 +343,11 @@ def test_the_cli_trains_and_generates_and_refuses_to_merge(tmp_path, capsys):
     code = cli.main(["merge", str(tiny["model"]), "--adapter", str(out / "adapter"),
                      "--out", str(tmp_path / "merged")])  # fmt: skip
     assert code == 2 and "does not fold into the base weights" in capsys.readouterr().err
+
+
+def test_the_cli_reads_adapterhub_folders(tmp_path, capsys):
+    base, folder = FIXTURES / "llama" / "base", FIXTURES / "llama" / "double_seq_bn"
+    code = cli.main(["merge", str(base), "--adapter", str(folder), "--out", str(tmp_path)])
+    assert code == 2 and "BottleneckAdapter (bottleneck) does not fold" in capsys.readouterr().err
+    code = cli.main(["import-hf", str(base), "--adapter", str(folder), "--out", str(tmp_path)])
+    assert code == 2 and "not a Hugging Face PEFT adapter (AdapterHub's)" in capsys.readouterr().err

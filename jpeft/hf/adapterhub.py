@@ -255,10 +255,7 @@ def _prefix(model: Any, layer: int, option: str, name: str) -> str:
 
 def _node_paths(model: Any) -> dict[str, tuple]:
     """``{option: tree keys of the weight its adapter wraps}`` for a model class."""
-    return {
-        option: tuple(model.layers_path) + tuple(getattr(model, attribute)) + ("weight",)
-        for option, attribute in bottleneck.LOCATIONS.items()
-    }
+    return {option: path + ("weight",) for option, path in bottleneck.placements(model).items()}
 
 
 def _model_of(keys: set[tuple], model_type: str | None) -> tuple[str, Any]:
