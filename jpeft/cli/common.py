@@ -45,11 +45,16 @@ def load_tokenizer(path: Path, required: bool = True) -> Any:
 
 
 def adapter_kind(path: str | os.PathLike) -> tuple[str, Path]:
-    """``("hf" | "jpeft", folder)`` of an adapter folder (or of a ``jpeft train`` output)."""
+    """``("hf" | "adapterhub" | "jpeft", folder)`` of an adapter folder (or of a
+    ``jpeft train`` output)."""
     from jpeft import checkpoint
-    from jpeft.hf import peft_format
+    from jpeft.hf import adapterhub, peft_format
 
     path = existing(path, "adapter")
+    if any(
+        (path / name).is_file() for name in (adapterhub.SAFETENSORS_FILE, adapterhub.TORCH_FILE)
+    ):
+        return "adapterhub", path  # AdapterHub names its config as PEFT does
     if (path / peft_format.CONFIG_FILE).is_file():
         return "hf", path
     if (path / checkpoint.METADATA_FILE).is_file():
@@ -63,11 +68,13 @@ def adapter_kind(path: str | os.PathLike) -> tuple[str, Path]:
 
 
 def with_adapter(base: dict, adapter: str | os.PathLike) -> dict:
-    """`base` with the adapter of a jpeft or Hugging Face PEFT folder on it."""
+    """`base` with the adapter of a jpeft, Hugging Face PEFT or AdapterHub folder on it."""
     from jpeft import checkpoint
-    from jpeft.hf import peft_format
+    from jpeft.hf import adapterhub, peft_format
 
     kind, folder = adapter_kind(adapter)
     if kind == "hf":
         return peft_format.import_peft(base, folder)
+    if kind == "adapterhub":
+        return adapterhub.import_adapterhub(base, folder)
     return checkpoint.load_adapter(base, folder)

@@ -125,7 +125,8 @@ def export_hf(args: argparse.Namespace) -> int:
 
     kind, folder = adapter_kind(args.adapter)
     if kind != "jpeft":
-        raise UsageError(f"{folder} is already a Hugging Face PEFT adapter")
+        known = {"hf": "a Hugging Face PEFT", "adapterhub": "an AdapterHub"}[kind]
+        raise UsageError(f"{folder} is already {known} adapter")
     _, base = load_model(args.model)
     params = checkpoint.load_adapter(base, folder)
     name = args.base_model_name
@@ -143,9 +144,8 @@ def import_hf(args: argparse.Namespace) -> int:
 
     kind, folder = adapter_kind(args.adapter)
     if kind != "hf":
-        raise UsageError(
-            f"{folder} is not a Hugging Face PEFT adapter (it has no {peft_format.CONFIG_FILE})"
-        )
+        why = "AdapterHub's" if kind == "adapterhub" else f"it has no {peft_format.CONFIG_FILE}"
+        raise UsageError(f"{folder} is not a Hugging Face PEFT adapter ({why})")
     _, base = load_model(args.model)
     params = peft_format.import_peft(base, folder)
     config = {**peft_format.read_config(folder), "imported_from": str(folder)}

@@ -116,7 +116,8 @@ def export_peft(
     if not adapted:
         raise ValueError(
             "params hold no adapter to export (apply jpeft.lora, jpeft.prompt_tuning or "
-            "jpeft.prefix_tuning first)"
+            "jpeft.prefix_tuning first; bottleneck adapters, which PEFT does not have, go to "
+            "AdapterHub's format with jpeft.hf.export_adapterhub)"
         )
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}

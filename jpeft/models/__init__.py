@@ -38,6 +38,7 @@ __all__ = [
     "gpt2",
     "llama",
     "load_tokenizer",
+    "model_class",
     "read_config",
     "save_pretrained",
     "to_hf_state_dict",
@@ -52,12 +53,25 @@ def from_config(config: dict, **model_options: Any) -> DecoderLM:
       ValueError: an unsupported ``model_type`` or config option, named in the message.
     """
     model_type = config.get("model_type")
+    config_cls, model_cls = _registered(model_type)
+    return model_cls(config_cls.from_hf(config), **model_options)
+
+
+def model_class(model_type: str) -> type[DecoderLM]:
+    """The jpeft model class of a transformers ``model_type`` (``Llama`` for ``"qwen2"``).
+
+    Raises:
+      ValueError: an unsupported ``model_type``.
+    """
+    return _registered(model_type)[1]
+
+
+def _registered(model_type: Any) -> tuple[type, type[DecoderLM]]:
     if model_type not in _REGISTRY:
         raise ValueError(
             f"unsupported model_type {model_type!r}; jpeft implements {sorted(_REGISTRY)}"
         )
-    config_cls, model_cls = _REGISTRY[model_type]
-    return model_cls(config_cls.from_hf(config), **model_options)
+    return _REGISTRY[model_type]
 
 
 def from_pretrained(

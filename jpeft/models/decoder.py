@@ -115,6 +115,13 @@ class DecoderLM(abc.ABC):
     """The token embedding table's module path."""
     head_path: ClassVar[tuple[str, ...]] = ("lm_head",)
     """The output projection's module path (absent from the tree when tied)."""
+    attention_output_path: ClassVar[tuple[str, ...]]
+    """The attention output projection's module path within a layer, e.g.
+    ``("self_attn", "o_proj")``: :meth:`_finish_block` adds it to the residual stream
+    with :func:`jpeft.nn.residual` (where bottleneck adapters hook in)."""
+    mlp_output_path: ClassVar[tuple[str, ...]]
+    """The MLP's last linear's module path within a layer, e.g. ``("mlp", "down_proj")``,
+    added to the residual stream with :func:`jpeft.nn.residual` too."""
     _hf_ignored: ClassVar[tuple[str, ...]] = ()
     """Regexes of checkpoint buffers that are not parameters (e.g. rotary inv_freq)."""
 

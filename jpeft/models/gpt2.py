@@ -86,6 +86,8 @@ class GPT2(decoder.DecoderLM):
     config: GPT2Config
     layers_path: ClassVar[tuple[str, ...]] = ("transformer", "h")
     embed_path: ClassVar[tuple[str, ...]] = ("transformer", "wte")
+    attention_output_path: ClassVar[tuple[str, ...]] = ("attn", "c_proj")
+    mlp_output_path: ClassVar[tuple[str, ...]] = ("mlp", "c_proj")
     _hf_ignored: ClassVar[tuple[str, ...]] = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
 
     @property
@@ -126,13 +128,13 @@ class GPT2(decoder.DecoderLM):
     def _finish_block(self, layer, h, attn):
         c = self.config
         proj = layer["attn"]["c_proj"]
-        h = h + nn.linear(attn.reshape(*attn.shape[:2], -1), proj["weight"], proj["bias"])
+        h = nn.residual(h, attn.reshape(*attn.shape[:2], -1), proj["weight"], proj["bias"])
         h = checkpoint_name(h, "residual")
         x = nn.layer_norm(h, layer["ln_2"]["weight"], layer["ln_2"]["bias"], c.layer_norm_epsilon)
         mlp = layer["mlp"]
         hidden = nn.linear(x, mlp["c_fc"]["weight"], mlp["c_fc"]["bias"])
         x = nn.activation(c.activation_function)(checkpoint_name(hidden, "mlp_hidden"))
-        return h + nn.linear(x, mlp["c_proj"]["weight"], mlp["c_proj"]["bias"])
+        return nn.residual(h, x, mlp["c_proj"]["weight"], mlp["c_proj"]["bias"])
 
     def _final_norm(self, params, h):
         ln_f = params["transformer"]["ln_f"]

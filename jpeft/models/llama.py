@@ -146,6 +146,8 @@ class Llama(decoder.DecoderLM):
     config: LlamaConfig
     layers_path: ClassVar[tuple[str, ...]] = ("model", "layers")
     embed_path: ClassVar[tuple[str, ...]] = ("model", "embed_tokens")
+    attention_output_path: ClassVar[tuple[str, ...]] = ("self_attn", "o_proj")
+    mlp_output_path: ClassVar[tuple[str, ...]] = ("mlp", "down_proj")
     _hf_ignored: ClassVar[tuple[str, ...]] = (r"rotary_emb\.inv_freq$",)
 
     @property
@@ -196,7 +198,8 @@ class Llama(decoder.DecoderLM):
         c = self.config
         attn = attn.reshape(*attn.shape[:2], -1)
         o_proj = layer["self_attn"]["o_proj"]
-        h = checkpoint_name(h + nn.linear(attn, o_proj["weight"], o_proj.get("bias")), "residual")
+        h = nn.residual(h, attn, o_proj["weight"], o_proj.get("bias"))
+        h = checkpoint_name(h, "residual")
         x = nn.rms_norm(h, layer["post_attention_layernorm"]["weight"], c.rms_norm_eps)
         mlp = layer["mlp"]
         gate, up = (
@@ -205,7 +208,7 @@ class Llama(decoder.DecoderLM):
         )
         act = nn.activation(c.hidden_act)
         down = mlp["down_proj"]
-        return h + nn.linear(act(gate) * up, down["weight"], down.get("bias"))
+        return nn.residual(h, act(gate) * up, down["weight"], down.get("bias"))
 
     def _final_norm(self, params, h):
         return nn.rms_norm(h, params["model"]["norm"]["weight"], self.config.rms_norm_eps)
