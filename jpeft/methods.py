@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 # The modules of the methods jpeft ships; importing one registers its method.
-_BUILTIN_MODULES = ("jpeft.lora", "jpeft.prompt_tuning", "jpeft.prefix_tuning")
+_BUILTIN_MODULES = ("jpeft.lora", "jpeft.prompt_tuning", "jpeft.prefix_tuning", "jpeft.ia3")
 _METHODS: dict[str, Method] = {}
 
 
