@@ -319,7 +319,7 @@ def apply(
             if "bias" in entry and not isinstance(entry["bias"], tree.Trainable):
                 entry["bias"] = tree.Trainable(entry["bias"])
     if config.modules_to_save:
-        _mark_modules_to_save(new, config.modules_to_save)
+        mark_modules_to_save(new, config.modules_to_save)
     return new
 
 
@@ -382,7 +382,10 @@ def _init_node(
     return node
 
 
-def _mark_modules_to_save(params: dict, names: Sequence[str]) -> None:
+def mark_modules_to_save(params: dict, names: Sequence[str]) -> None:
+    """Marks the weights (and biases) of the modules named in `names` (suffix match) as
+    trained in full beside the adapter, in place, as PEFT's ``modules_to_save`` (any
+    method's: IA3 uses it too)."""
     found = [
         m for m in targeting.modules(params) if any(n.endswith(s) for n in m.names for s in names)
     ]

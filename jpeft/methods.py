@@ -22,7 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 # The modules of the methods jpeft ships; importing one registers its method.
-_BUILTIN_MODULES = ("jpeft.lora", "jpeft.prompt_tuning", "jpeft.prefix_tuning", "jpeft.bottleneck")
+_BUILTIN_MODULES = (
+    "jpeft.lora",
+    "jpeft.prompt_tuning",
+    "jpeft.prefix_tuning",
+    "jpeft.bottleneck",
+    "jpeft.ia3",
+)
 _METHODS: dict[str, Method] = {}
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _RULES: dict[tuple[str, type], Callable[..., jax.Array]] = {}
-_OPS = ("linear", "embed", "attend", "residual", "value")
+_OPS = ("linear", "embed", "attend", "residual", "value", "bias")
 
 
 def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
@@ -33,14 +33,15 @@ def register(op: str, node_type: type) -> Callable[[Callable], Callable]:
     Args:
       op: one of ``"linear"`` (``x @ w``), ``"embed"`` (row lookup), ``"attend"``
         (``x @ table.T``, a tied output head), ``"residual"`` (a sublayer's output
-        projection added to the residual stream, :func:`residual`) or ``"value"`` (the
-        dense array itself).
+        projection added to the residual stream, :func:`residual`), ``"value"`` (the
+        dense array itself) or ``"bias"`` (the bias a module whose weight is the node
+        adds, :func:`module_bias`).
       node_type: the pytree node class that stands in for a weight array.
 
     Returns:
       A decorator that records the rule ``fn(x, node) -> y`` (``fn(node) -> array`` for
-      ``"value"``, ``fn(h, x, node, bias) -> h'`` for ``"residual"``) and returns it
-      unchanged.
+      ``"value"``, ``fn(h, x, node, bias) -> h'`` for ``"residual"``, ``fn(bias, node) ->
+      bias`` for ``"bias"``) and returns it unchanged.
 
     Example::
 
@@ -110,7 +111,7 @@ def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     rule = _rule("linear", w)
     y = rule(x, w) if rule is not None else x @ w.astype(x.dtype)
     if bias is not None:
-        y = y + value(bias).astype(y.dtype)
+        y = y + module_bias(bias, w).astype(y.dtype)
     return y
 
 
@@ -129,6 +130,14 @@ def residual(h: jax.Array, x: jax.Array, w: Any, bias: jax.Array | None = None) 
     if rule is not None:
         return rule(h, x, w, bias)
     return h + linear(x, w, bias)
+
+
+def module_bias(bias: Any, w: Any) -> jax.Array:
+    """The bias that a module whose weight is `w` adds: ``value(bias)``, unless `w`'s node
+    changes it (a ``"bias"`` rule: IA3 scales a module's output, its bias included).
+    :func:`jpeft.tree.materialize` folds the same rule into the bias when merging."""
+    rule = _RULES.get(("bias", type(w)))
+    return value(bias) if rule is None else rule(value(bias), w)
 
 
 def embed(ids: jax.Array, table: Any, dtype: Any = None) -> jax.Array:

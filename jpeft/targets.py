@@ -238,7 +238,7 @@ def select(
         if not module.is_linear:
             raise ValueError(
                 f"target {module.names[0]} is not a linear layer (weight shape "
-                f"{nn.shape(module.weight)}); jpeft's LoRA adapts linear layers"
+                f"{nn.shape(module.weight)}); jpeft's methods adapt linear layers"
             )
         selected.append((module, hits))
     if not selected and required:

@@ -19,9 +19,9 @@ A node class declares, in one place, everything the rest of jpeft needs to know 
   (:func:`with_rng`), e.g. for dropout;
 * :meth:`Node.adapted_shape` and :meth:`Node.parameter_count`;
 * how it computes: rules registered with :func:`jpeft.nn.register` (``linear``, ``embed``,
-  ``attend``, ``residual``, ``value``). A node without a ``value`` rule does not fold into
-  the weights, and :func:`materialize` (every method's ``merge``) refuses it with an error
-  naming it.
+  ``attend``, ``residual``, ``value``, and ``bias`` for a node that changes its module's
+  bias). A node without a ``value`` rule does not fold into the weights, and
+  :func:`materialize` (every method's ``merge``) refuses it with an error naming it.
 
 Nothing in checkpoints, training or the CLI names a method: they go through this protocol.
 """
@@ -171,7 +171,9 @@ def folds(node: Node) -> bool:
 
 
 def materialize(params: Any) -> Any:
-    """Replaces every node by the dense array it stands for (:func:`jpeft.nn.value`).
+    """Replaces every node by the dense array it stands for (:func:`jpeft.nn.value`), and
+    the bias beside a weight node with a ``bias`` rule by the bias that module adds
+    (:func:`jpeft.nn.module_bias`: IA3 scales ``x @ W + b`` as a whole).
 
     Raises:
       TypeError: a node with no dense value (a method that does not fold into the weights),
@@ -186,7 +188,19 @@ def materialize(params: Any) -> Any:
             )
         return nn.value(x) if isinstance(x, Node) else x
 
-    return jax.tree.map(dense, params, is_leaf=_is_node)
+    return jax.tree.map(dense, _fold_biases(params), is_leaf=_is_node)
+
+
+def _fold_biases(params: Any) -> Any:
+    """`params` with each module's ``bias`` replaced by :func:`jpeft.nn.module_bias` where
+    its weight (``weight``, or Flax's ``kernel``) is a node with a ``bias`` rule."""
+    if not isinstance(params, dict):
+        return params
+    out = {key: _fold_biases(value) for key, value in params.items()}
+    weight = out.get("weight", out.get("kernel"))
+    if out.get("bias") is not None and nn.has_rule("bias", weight):
+        out["bias"] = nn.module_bias(out["bias"], weight)
+    return out
 
 
 def extract(params: Any) -> dict:

@@ -42,7 +42,8 @@ def test_every_registered_method_passes_the_contract(name, tiny, tmp_path):
 
 
 def test_builtin_methods_are_registered():
-    assert {"lora", "prompt", "prefix"} <= set(methods.names())
+    assert {"lora", "prompt", "prefix", "ia3", "bottleneck"} <= set(methods.names())
+    assert methods.with_peft_type("IA3") is methods.get("ia3")
     assert methods.with_peft_type("PREFIX_TUNING") is methods.get("prefix")
     lora = methods.get("lora")
     assert lora.config_class is jpeft.lora.LoraConfig and lora.peft_type == "LORA"

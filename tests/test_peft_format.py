@@ -43,6 +43,7 @@ def _peft_logits(peft_model, data):
                "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"k_proj": 5}}),
     ("gpt2", {"rank": 4, "targets": ["c_attn", "attn.c_proj"], "bias": "all"}),
     ("gpt2", {"rank": 2, "targets": ["c_fc"], "modules_to_save": ["ln_f"]}),
+    ("llama", {"rank": 2, "targets": ["q_proj"], "modules_to_save": ["lm_head"]}),  # [v, d]
 ])
 def test_export_loads_in_peft_with_equal_logits_and_merge(kind, options, tmp_path):
     model, _, trained = _trained(kind, tmp_path / "base", **options)
@@ -145,7 +146,7 @@ def test_bad_adapters_fail_with_the_problem_and_the_file(tmp_path):
         with pytest.raises(jpeft.CheckpointError, match=match):
             jpeft.hf.import_peft(params, folder)
 
-    fails("peft_type 'IA3' is not implemented", peft_type="IA3")
+    fails("peft_type 'LOHA' is not implemented", peft_type="LOHA")
     fails("lora_bias=True is not supported", lora_bias=True)
     fails("pissa.*modified base", init_lora_weights="pissa")
     fails("does not fit the base model.*match no module", target_modules=["nope_proj"])

@@ -13,8 +13,9 @@ The format (peft 0.21, ``get_peft_model_state_dict``):
 - the config is peft's ``LoraConfig.to_dict()``, sorted, with ``inference_mode: true``.
 
 Methods other than LoRA convert themselves (:class:`jpeft.methods.Method`'s ``to_peft`` and
-``from_peft``, e.g. prompt and prefix tuning's ``prompt_embeddings``); this module writes and
-reads their folders the same way, choosing the method by ``peft_type`` on import.
+``from_peft``, e.g. prompt and prefix tuning's ``prompt_embeddings``, IA3's ``ia3_l``); this
+module writes and reads their folders the same way, choosing the method by ``peft_type`` on
+import, and adds the ``modules_to_save`` weights of any method itself.
 
 On export, jpeft writes the smallest config that reproduces its nodes exactly: the most
 common rank and α as ``r``/``lora_alpha``, the rest as ``rank_pattern``/``alpha_pattern``,
@@ -25,6 +26,7 @@ GPT-2's two ``c_proj`` layers is adapted).
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import json
 import os
@@ -42,7 +44,7 @@ from jpeft.hf.checkpoints import CheckpointError, read_safetensors, write_safete
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # of every module's key in a PEFT adapter file
 _PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose LoraConfig fields are written
 
 # peft LoraConfig fields that change the model in ways jpeft does not implement, with the
@@ -79,7 +81,8 @@ def export_peft(
     Args:
       params: a tree with :class:`jpeft.lora.LoraWeight` nodes, or all of them
         :class:`jpeft.dora.DoraWeight` (and optional trained biases or ``modules_to_save``
-        weights), or the adapter of another method PEFT has (a soft prompt, a prefix).
+        weights), or the adapter of another method PEFT has (a soft prompt, a prefix, IA3
+        vectors, with optional ``modules_to_save`` weights).
       out_dir: the folder to write; a non-default `adapter_name` goes in a sub-folder, as
         ``PeftModel.save_pretrained`` does.
       base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
@@ -111,13 +114,19 @@ def export_peft(
             "export each from a tree of its own"
         )
     if found:
-        ((config, tensors),) = found.values()
-        return _write(folder, {**common, "modules_to_save": None, **config}, tensors)
+        ((title, (config, tensors)),) = found.items()
+        tensors = dict(tensors)
+        modules_to_save, bias_modes = _add_trained(tensors, trained, lora_modules=set())
+        if bias_modes:
+            raise ValueError(f"a {title} PEFT adapter has no place for trained biases")
+        return _write(
+            folder, {**common, "modules_to_save": modules_to_save or None, **config}, tensors
+        )
     if not adapted:
         raise ValueError(
-            "params hold no adapter to export (apply jpeft.lora, jpeft.prompt_tuning or "
-            "jpeft.prefix_tuning first; bottleneck adapters, which PEFT does not have, go to "
-            "AdapterHub's format with jpeft.hf.export_adapterhub)"
+            "params hold no adapter to export (apply jpeft.lora, jpeft.prompt_tuning, "
+            "jpeft.prefix_tuning or jpeft.ia3 first; bottleneck adapters, which PEFT does not "
+            "have, go to AdapterHub's format with jpeft.hf.export_adapterhub)"
         )
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -131,10 +140,10 @@ def export_peft(
         for i in layers:
             name = module.names[i]
             index = (i,) if module.stacked else ()
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[index].T)
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[index].T)
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[index].T)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[index].T)
             if magnitude is not None:
-                tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude[index]
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude[index]
             ranks[name] = node.rank
             alphas[name] = float(node_alphas[i if module.stacked else 0])
         dropouts.add(node.dropout)
@@ -146,22 +155,10 @@ def export_peft(
             "adapters with different lora_dropout, use_rslora or use_dora cannot share one "
             "adapter_config.json"
         )
-    adapted_names = {m.names[0].split(".")[-1] for m, _ in adapted}
     lora_modules = {".".join(map(str, m.path)) for m, _ in adapted}
-    modules_to_save, bias_modes = [], set()
-    for module, leaf, node in trained:
-        key, value = ".".join(map(str, module.path)), node.w
-        for name in module.names:
-            if leaf == "bias" and not node.copied:
-                layer_name = f"{name}.base_layer.bias" if key in lora_modules else f"{name}.bias"
-                tensors[_PREFIX + layer_name] = _layer(value, module, name)
-                bias_modes.add("lora_only" if key in lora_modules else "all")
-            else:
-                tensors[f"{_PREFIX}{name}.{leaf}"] = _layer(value, module, name)
-        if node.copied and module.short_name not in modules_to_save:
-            modules_to_save.append(module.short_name)
+    modules_to_save, bias_modes = _add_trained(tensors, trained, lora_modules)
     all_modules = targeting.modules(params)
-    target_modules, layers_to_transform = _targets(adapted, all_modules, layer_sets)
+    target_modules, layers_to_transform = select_exactly(adapted, all_modules, layer_sets)
     r, rank_pattern = _most_common_with_exceptions(ranks, adapted, all_modules)
     alpha, alpha_pattern = _most_common_with_exceptions(alphas, adapted, all_modules)
     config = _peft_defaults()
@@ -177,10 +174,46 @@ def export_peft(
         use_dora=use_dora.pop(),
         bias="all" if "all" in bias_modes else ("lora_only" if bias_modes else "none"),
         modules_to_save=modules_to_save or None,
-        fan_in_fan_out=any(n in ("c_attn", "c_proj", "c_fc") for n in adapted_names),
+        fan_in_fan_out=fan_in_fan_out(m for m, _ in adapted),
         **common,
     )
     return _write(folder, config, tensors)
+
+
+def _add_trained(tensors: dict, trained, lora_modules: set[str]) -> tuple[list[str], set[str]]:
+    """Adds the weights trained in full to `tensors` under PEFT's keys; returns the
+    ``modules_to_save`` names and the bias modes (``"all"``, ``"lora_only"``) they imply."""
+    modules_to_save, bias_modes = [], set()
+    for module, leaf, node in trained:
+        key, value = ".".join(map(str, module.path)), node.w
+        for name in module.names:
+            if leaf == "bias" and not node.copied:
+                layer_name = f"{name}.base_layer.bias" if key in lora_modules else f"{name}.bias"
+                tensors[PREFIX + layer_name] = _layer(value, module, name)
+                bias_modes.add("lora_only" if key in lora_modules else "all")
+            else:
+                array = _layer(value, module, name)
+                flip = leaf == module.weight_key and _torch_linear(module)
+                tensors[f"{PREFIX}{name}.{leaf}"] = np.ascontiguousarray(array.T) if flip else array
+        if node.copied and module.short_name not in modules_to_save:
+            modules_to_save.append(module.short_name)
+    return modules_to_save, bias_modes
+
+
+def fan_in_fan_out(modules) -> bool:
+    """PEFT's ``fan_in_fan_out`` for adapted `modules` (:class:`jpeft.targets.Module`): True
+    where they are GPT-2's ``Conv1D`` layers, which store their weight ``[in, out]``."""
+    return any(_conv1d(m) for m in modules)
+
+
+def _conv1d(module: targeting.Module) -> bool:
+    return module.short_name in ("c_attn", "c_proj", "c_fc")
+
+
+def _torch_linear(module: targeting.Module) -> bool:
+    """Whether PEFT holds `module`'s weight as torch's ``Linear`` does, ``[out, in]``: the
+    transpose of jpeft's (GPT-2's ``Conv1D`` and embedding tables are stored alike)."""
+    return module.is_linear and not _conv1d(module)
 
 
 def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray]) -> Path:
@@ -191,9 +224,10 @@ def _write(folder: Path, config: dict, tensors: dict[str, np.ndarray]) -> Path:
 
 
 def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
-    """Reads a Hugging Face PEFT LoRA adapter folder onto a base parameter tree.
+    """Reads a Hugging Face PEFT adapter folder onto a base parameter tree: LoRA (and DoRA)
+    here, another method by its :class:`jpeft.methods.Method`'s ``from_peft``.
 
-    Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+    For LoRA, honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
     ``target_modules`` (list or regex), ``exclude_modules``, ``layers_to_transform``,
     ``layers_pattern``, ``bias``, ``modules_to_save``, ``lora_dropout`` and ``use_dora``.
 
@@ -202,7 +236,7 @@ def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
       adapter_dir: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Returns:
-      `base_params` with the adapter's LoRA nodes and trained weights.
+      `base_params` with the adapter's nodes and trained weights.
 
     Raises:
       CheckpointError: a missing or malformed file, a PEFT type or option jpeft does not
@@ -214,89 +248,137 @@ def import_peft(base_params: dict, adapter_dir: str | os.PathLike) -> dict:
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
-    tensors = dict(read_safetensors(weights_path))
+    tensors = _Tensors(read_safetensors(weights_path), weights_path)
     method = methods.with_peft_type(config["peft_type"])
     if method is not None and method.from_peft is not None:
-        return _import_with(method, base_params, config, tensors, weights_path)
-    lora_config = _lora_config(config, folder / CONFIG_FILE)
-    try:
-        # The key only initialises factors that the file then overwrites.
-        params = lora.apply(base_params, config=lora_config, key=jax.random.key(0))
-    except ValueError as err:
-        raise CheckpointError(f"{folder / CONFIG_FILE} does not fit the base model: {err}") from err
-    used: set[str] = set()
-    modules = {tuple(m.path): m for m in targeting.modules(params)}
-
-    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"{weights_path} lacks {name} that its config implies")
-        value = tensors[name]
-        if tuple(value.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{weights_path}: {name} has shape {tuple(value.shape)}, the base model needs "
-                f"{tuple(shape)}"
-            )
-        used.add(name)
-        return np.asarray(value, np.float32)
-
-    def fill(keys: tuple, value: Any) -> Any:
-        module = modules.get(tuple(keys[:-1]))
-        if isinstance(value, lora.LoraWeight):
-            a, b = np.array(value.a), np.array(value.b)
-            magnitude = _magnitude(value)
-            layers = value.layers if value.layers is not None else range(len(module.names))
-            for i in layers:
-                index = (i,) if module.stacked else ()
-                name = _PREFIX + module.names[i]
-                a[index] = take(f"{name}.lora_A.weight", a[index].T.shape).T
-                b[index] = take(f"{name}.lora_B.weight", b[index].T.shape).T
-                if magnitude is not None:
-                    magnitude[index] = take(f"{name}.lora_magnitude_vector", magnitude[index].shape)
-            if magnitude is None:
-                return _replace(value, a=a, b=b)
-            return _replace(value, a=a, b=b, magnitude=magnitude)
-        if isinstance(value, tree.Trainable):
-            stacked = np.array(value.w)
-            for i, name in enumerate(module.names):
-                index = (i,) if module.stacked else ()
-                leaf = keys[-1]
-                candidates = [f"{_PREFIX}{name}.{leaf}", f"{_PREFIX}{name}.base_layer.{leaf}"]
-                found = [c for c in candidates if c in tensors]
-                if not found:
-                    raise CheckpointError(f"{weights_path} lacks {candidates[0]}")
-                stacked[index] = take(found[0], stacked[index].shape)
-            return _replace(value, w=stacked.astype(np.asarray(value.w).dtype))
-        return value
-
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: fill(tree.path_keys(p), x), params, is_leaf=lambda x: isinstance(x, tree.Node)
-    )
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise CheckpointError(
-            f"{weights_path} has keys that match no adapted module of the base: "
-            f"{unused[:5]}{' ...' if len(unused) > 5 else ''}"
-        )
+        params = _import_with(method, base_params, config, tensors)
+    else:
+        params = _import_lora(base_params, _lora_config(config, folder / CONFIG_FILE), tensors)
+    params = _fill_trained(params, tensors)
+    tensors.check_all_read()
     return params
 
 
-def _import_with(method, base_params: dict, config: dict, tensors: dict, weights_path: Path):
-    """`method`'s own import of a PEFT adapter, with its errors naming the file."""
-    expected = {"prompt_embeddings"}
-    if set(tensors) != expected:
+class _Tensors(collections.abc.Mapping):
+    """The tensors of an adapter file, remembering which were read: every one must be."""
+
+    def __init__(self, tensors: Any, path: Path):
+        self._tensors, self.path, self._read = dict(tensors), path, set()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._tensors:
+            raise CheckpointError(f"{self.path} lacks {name} that its config implies")
+        self._read.add(name)
+        return self._tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name` in float32, which must have `shape`."""
+        value = self[name]
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.path}: {name} has shape {tuple(value.shape)}, the base model needs "
+                f"{tuple(shape)}"
+            )
+        return np.asarray(value, np.float32)
+
+    def check_all_read(self) -> None:
+        unused = sorted(set(self._tensors) - self._read)
+        if unused:
+            raise CheckpointError(
+                f"{self.path} has keys that match no adapted module of the base: "
+                f"{unused[:5]}{' ...' if len(unused) > 5 else ''}"
+            )
+
+
+def _import_lora(base_params: dict, config: lora.LoraConfig, tensors: _Tensors) -> dict:
+    """`base_params` with the LoRA (or DoRA) nodes of `config`, their factors from `tensors`."""
+    try:
+        # The key only initialises factors that the file then overwrites.
+        params = lora.apply(base_params, config=config, key=jax.random.key(0))
+    except ValueError as err:
         raise CheckpointError(
-            f"{weights_path} holds {sorted(tensors)}; a {config['peft_type']} adapter holds "
-            f"{sorted(expected)}"
-        )
-    if config.get("modules_to_save"):
+            f"{tensors.path.parent / CONFIG_FILE} does not fit the base model: {err}"
+        ) from err
+    modules = {tuple(m.path): m for m in targeting.modules(params)}
+
+    def fill(keys: tuple, value: Any) -> Any:
+        if not isinstance(value, lora.LoraWeight):
+            return value
+        module = modules[tuple(keys[:-1])]
+        a, b = np.array(value.a), np.array(value.b)
+        magnitude = _magnitude(value)
+        layers = value.layers if value.layers is not None else range(len(module.names))
+        for i in layers:
+            index = (i,) if module.stacked else ()
+            name = PREFIX + module.names[i]
+            a[index] = tensors.take(f"{name}.lora_A.weight", a[index].T.shape).T
+            b[index] = tensors.take(f"{name}.lora_B.weight", b[index].T.shape).T
+            if magnitude is not None:
+                magnitude[index] = tensors.take(
+                    f"{name}.lora_magnitude_vector", magnitude[index].shape
+                )
+        if magnitude is None:
+            return _replace(value, a=a, b=b)
+        return _replace(value, a=a, b=b, magnitude=magnitude)
+
+    return _map_nodes(fill, params)
+
+
+def _fill_trained(params: dict, tensors: _Tensors) -> dict:
+    """`params` with the weights trained in full (:class:`jpeft.tree.Trainable`: biases,
+    ``modules_to_save``) read from `tensors`."""
+    modules = {tuple(m.path): m for m in targeting.modules(params)}
+
+    def fill(keys: tuple, value: Any) -> Any:
+        if not isinstance(value, tree.Trainable):
+            return value
+        module, leaf = modules[tuple(keys[:-1])], keys[-1]
+        stacked = np.array(value.w)
+        for i, name in enumerate(module.names):
+            index = (i,) if module.stacked else ()
+            candidates = [f"{PREFIX}{name}.{leaf}", f"{PREFIX}{name}.base_layer.{leaf}"]
+            found = [c for c in candidates if c in tensors]
+            if not found:
+                raise CheckpointError(f"{tensors.path} lacks {candidates[0]}")
+            if leaf == module.weight_key and _torch_linear(module):
+                stacked[index] = tensors.take(found[0], stacked[index].T.shape).T
+            else:
+                stacked[index] = tensors.take(found[0], stacked[index].shape)
+        return _replace(value, w=stacked.astype(np.asarray(value.w).dtype))
+
+    return _map_nodes(fill, params)
+
+
+def _map_nodes(fn, params: dict) -> dict:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(tree.path_keys(p), x), params, is_leaf=lambda x: isinstance(x, tree.Node)
+    )
+
+
+def _import_with(method, base_params: dict, config: dict, tensors: _Tensors) -> dict:
+    """`method`'s own import of a PEFT adapter (the weights it trains in full are filled in
+    by :func:`import_peft`), with its errors naming the file."""
+    if config.get("modules_to_save") and not any(
+        f.name == "modules_to_save" for f in dataclasses.fields(method.config_class)
+    ):
         raise CheckpointError(
-            f"{weights_path.parent / CONFIG_FILE}: modules_to_save with {method.title} is not "
-            "implemented by jpeft's importer"
+            f"{tensors.path.parent / CONFIG_FILE}: {method.title} has no modules_to_save"
         )
     try:
         return method.from_peft(base_params, config, tensors)
+    except CheckpointError:
+        raise
     except ValueError as err:
-        raise CheckpointError(f"{weights_path}: {err}") from err
+        raise CheckpointError(f"{tensors.path}: {err}") from err
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -369,8 +451,20 @@ def _layer(value: Any, module: targeting.Module, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _targets(adapted, all_modules, layer_sets):
-    """``(target_modules, layers_to_transform)`` that select exactly the adapted layers."""
+def select_exactly(adapted, all_modules, layer_sets):
+    """``(target_modules, layers_to_transform)`` that select exactly the adapted layers.
+
+    Args:
+      adapted: ``(module, node)`` pairs, each node's ``layers`` its adapted layers (None:
+        all of them).
+      all_modules: every module of the tree (:func:`jpeft.targets.modules`).
+      layer_sets: the set of the nodes' ``layers``; ``{None}`` where the config has no
+        ``layers_to_transform`` (IA3's): layers are then chosen by a regex when needed.
+
+    Returns:
+      Short module names (dotted suffixes, unambiguous) with a ``layers_to_transform``
+      list or None, or a regex matching the adapted layers' names exactly, with None.
+    """
     chosen = {
         (tuple(m.path), i)
         for m, node in adapted
