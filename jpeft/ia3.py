@@ -36,7 +36,7 @@ import numpy as np
 
 from jpeft import lora, methods, nn, tree
 from jpeft import targets as targeting
-from jpeft.hf import peft_format
+from jpeft.hf import peft_format, peft_lora_config
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and
 # TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING for jpeft's model types.
@@ -342,7 +342,7 @@ def _to_peft(params: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
             row = row[None, :] if node.feedforward else row[:, None]
             tensors[f"{peft_format.PREFIX}{name}.ia3_l"] = np.ascontiguousarray(row)
     all_modules = targeting.modules(params)
-    target_modules, _ = peft_format.select_exactly(adapted, all_modules, {None})
+    target_modules, _ = peft_lora_config.select_exactly(adapted, all_modules, {None})
     feedforward = {n for m, node in adapted if node.feedforward for _, n in _layer_names(m, node)}
     config = {
         "peft_type": "IA3",
