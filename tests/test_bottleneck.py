@@ -349,5 +349,19 @@ def test_the_cli_reads_adapterhub_folders(tmp_path, capsys):
     base, folder = FIXTURES / "llama" / "base", FIXTURES / "llama" / "double_seq_bn"
     code = cli.main(["merge", str(base), "--adapter", str(folder), "--out", str(tmp_path)])
     assert code == 2 and "BottleneckAdapter (bottleneck) does not fold" in capsys.readouterr().err
-    code = cli.main(["import-hf", str(base), "--adapter", str(folder), "--out", str(tmp_path)])
-    assert code == 2 and "not a Hugging Face PEFT adapter (AdapterHub's)" in capsys.readouterr().err
+    imported, exported = tmp_path / "imported", tmp_path / "exported"
+    steps = (("import-hf", folder, imported), ("export-hf", imported, exported))
+    for command, source, target in steps:
+        assert cli.main([command, str(base), "--adapter", str(source), "--out", str(target)]) == 0
+    assert "wrote the AdapterHub adapter" in capsys.readouterr().out  # the default for bottleneck
+    _, params = jpeft.models.from_pretrained(base)
+    original = jpeft.hf.import_adapterhub(params, folder)
+    for got, want in zip(
+        jax.tree.leaves(jpeft.hf.import_adapterhub(params, exported)),
+        jax.tree.leaves(original),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    code = cli.main(["export-hf", str(base), "--adapter", str(imported), "--out",
+                     str(tmp_path / "peft"), "--format", "peft"])  # fmt: skip
+    assert code == 2 and "export_adapterhub" in capsys.readouterr().err

@@ -4,6 +4,7 @@ model folder, or converted between jpeft's and Hugging Face PEFT's adapter forma
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -47,10 +48,11 @@ def add_parsers(commands: Any) -> None:
 
     export = commands.add_parser(
         "export-hf",
-        help="convert a jpeft adapter to a Hugging Face PEFT adapter",
+        help="convert a jpeft adapter to a Hugging Face PEFT (or AdapterHub) adapter",
         description="Writes a jpeft adapter as a Hugging Face PEFT adapter folder "
         "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained, "
-        "transformers and vLLM load. MODEL is the base the adapter was trained on.",
+        "transformers and vLLM load, or, for bottleneck adapters, which PEFT lacks, as a "
+        "folder AdapterHub's load_adapter reads. MODEL is the base the adapter was trained on.",
         epilog="example: jpeft export-hf model.gguf --adapter out/run/adapter --out out/hf",
     )
     _model_arg(export)
@@ -62,6 +64,12 @@ def add_parsers(commands: Any) -> None:
     )
     export.add_argument("--out", metavar="DIR", required=True, help="the folder to write; required")
     export.add_argument(
+        "--format",
+        choices=("auto", "peft", "adapterhub"),
+        default="auto",
+        help="the folder's format (default: AdapterHub's for bottleneck adapters, else PEFT's)",
+    )
+    export.add_argument(
         "--base-model-name",
         metavar="NAME",
         help="base_model_name_or_path written into adapter_config.json (default: the one "
@@ -70,9 +78,10 @@ def add_parsers(commands: Any) -> None:
 
     imp = commands.add_parser(
         "import-hf",
-        help="convert a Hugging Face PEFT adapter to a jpeft adapter",
-        description="Reads a Hugging Face PEFT adapter folder onto MODEL and saves it as a "
-        "jpeft adapter folder (Orbax), e.g. to continue training it in jpeft.",
+        help="convert a Hugging Face PEFT (or AdapterHub) adapter to a jpeft adapter",
+        description="Reads a Hugging Face PEFT adapter folder, or an AdapterHub one (told "
+        "apart by its weights file), onto MODEL and saves it as a jpeft adapter folder "
+        "(Orbax), e.g. to continue training it in jpeft.",
         epilog="example: jpeft import-hf model.gguf --adapter peft_adapter/ --out out/adapter",
     )
     _model_arg(imp)
@@ -81,7 +90,8 @@ def add_parsers(commands: Any) -> None:
         metavar="HF_DIR",
         required=True,
         help="the Hugging Face PEFT adapter folder (adapter_config.json + "
-        "adapter_model.safetensors); required",
+        "adapter_model.safetensors) or AdapterHub's (adapter.safetensors or "
+        "pytorch_adapter.bin); required",
     )
     imp.add_argument(
         "--out", metavar="DIR", required=True, help="the jpeft adapter folder to write; required"
@@ -120,8 +130,8 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def export_hf(args: argparse.Namespace) -> int:
-    from jpeft import checkpoint
-    from jpeft.hf import peft_format
+    from jpeft import bottleneck, checkpoint, tree
+    from jpeft.hf import adapterhub, peft_format
 
     kind, folder = adapter_kind(args.adapter)
     if kind != "jpeft":
@@ -133,6 +143,16 @@ def export_hf(args: argparse.Namespace) -> int:
     if name is None:
         stored = checkpoint.read_adapter_metadata(folder).get("config") or {}
         name = stored.get("base_model_name_or_path") or str(args.model)
+    form = args.format
+    if form == "auto":
+        has_bottleneck = any(
+            isinstance(x, bottleneck.BottleneckAdapter) for _, x in tree.iter_nodes(params)
+        )
+        form = "adapterhub" if has_bottleneck else "peft"
+    if form == "adapterhub":
+        written = adapterhub.export_adapterhub(params, args.out)
+        print(f"wrote the AdapterHub adapter {written}")
+        return EXIT_OK
     written = peft_format.export_peft(params, args.out, base_model_name_or_path=name)
     print(f"wrote {written / peft_format.CONFIG_FILE} and {written / peft_format.WEIGHTS_FILE}")
     return EXIT_OK
@@ -143,12 +163,16 @@ def import_hf(args: argparse.Namespace) -> int:
     from jpeft.hf import peft_format
 
     kind, folder = adapter_kind(args.adapter)
-    if kind != "hf":
-        why = "AdapterHub's" if kind == "adapterhub" else f"it has no {peft_format.CONFIG_FILE}"
-        raise UsageError(f"{folder} is not a Hugging Face PEFT adapter ({why})")
+    if kind == "jpeft":
+        raise UsageError(
+            f"{folder} is not a Hugging Face PEFT or AdapterHub adapter (it has no "
+            f"{peft_format.CONFIG_FILE})"
+        )
     _, base = load_model(args.model)
-    params = peft_format.import_peft(base, folder)
-    config = {**peft_format.read_config(folder), "imported_from": str(folder)}
+    params = with_adapter(base, folder)
+    # Both formats name their config adapter_config.json; the import has read it already.
+    stored = json.loads((folder / peft_format.CONFIG_FILE).read_text())
+    config = {**stored, "imported_from": str(folder)}
     checkpoint.save_adapter(params, args.out, config=config)
     print(f"wrote the jpeft adapter {args.out}")
     return EXIT_OK
