@@ -101,17 +101,10 @@ class IA3Config:
     modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (list, set)):
-                object.__setattr__(
-                    self, name, tuple(sorted(value) if isinstance(value, set) else value)
-                )
-        if self.fan_in_fan_out:
-            raise ValueError(
-                "fan_in_fan_out=True is not needed in jpeft: every linear weight is stored "
-                "[in, out] already (GPT-2's Conv1D is converted when loading); leave it False"
-            )
+        targeting.freeze_name_lists(
+            self, ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save")
+        )
+        targeting.refuse_fan_in_fan_out(self.fan_in_fan_out)
         if not isinstance(self.init_ia3_weights, bool):
             raise ValueError(
                 f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}"

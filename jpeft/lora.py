@@ -133,23 +133,17 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        for name in (
-            "target_modules",
-            "exclude_modules",
-            "layers_to_transform",
-            "layers_pattern",
-            "modules_to_save",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, (list, set)):
-                object.__setattr__(
-                    self, name, tuple(sorted(value) if isinstance(value, set) else value)
-                )
-        if self.fan_in_fan_out:
-            raise ValueError(
-                "fan_in_fan_out=True is not needed in jpeft: every linear weight is stored "
-                "[in, out] already (GPT-2's Conv1D is converted when loading); leave it False"
-            )
+        targeting.freeze_name_lists(
+            self,
+            (
+                "target_modules",
+                "exclude_modules",
+                "layers_to_transform",
+                "layers_pattern",
+                "modules_to_save",
+            ),
+        )
+        targeting.refuse_fan_in_fan_out(self.fan_in_fan_out)
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0 <= self.lora_dropout < 1:

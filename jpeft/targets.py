@@ -40,6 +40,26 @@ _OUTPUT_HEADS = ("lm_head",)
 _DEFAULT_TARGETS = {("model", "layers"): ("q_proj", "v_proj"), ("transformer", "h"): ("c_attn",)}
 
 
+def freeze_name_lists(config: Any, fields: Sequence[str]) -> None:
+    """Turns the list or set values of `fields` of a frozen config into tuples (sets
+    sorted), so that configs hash and compare by value whatever the caller passed."""
+    for name in fields:
+        value = getattr(config, name)
+        if isinstance(value, (list, set)):
+            object.__setattr__(
+                config, name, tuple(sorted(value) if isinstance(value, set) else value)
+            )
+
+
+def refuse_fan_in_fan_out(fan_in_fan_out: bool) -> None:
+    """Raises ValueError for HF PEFT's ``fan_in_fan_out=True``, which jpeft never needs."""
+    if fan_in_fan_out:
+        raise ValueError(
+            "fan_in_fan_out=True is not needed in jpeft: every linear weight is stored "
+            "[in, out] already (GPT-2's Conv1D is converted when loading); leave it False"
+        )
+
+
 def parse_names(spec: str | Sequence[str]) -> str | tuple[str, ...]:
     """`target_modules` from text: ``q_proj,v_proj`` or ``q_proj`` (module names, matched by
     suffix), ``all-linear``, or anything else as a regex matched against the whole name.

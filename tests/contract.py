@@ -7,6 +7,9 @@ their own `add` functions.
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +39,22 @@ def batch(vocab: int, shape=(2, 12), seed: int = 0) -> dict[str, np.ndarray]:
     mask = np.ones(shape, np.int32)
     mask[0, :3] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask > 0, ids, -100)}
+
+
+def scale_field(params, key, node_type, field: str):
+    """`params` with the `field` of every `node_type` node scaled by random factors in
+    [0.5, 1.5] (one per element, seeded by `key` and the node's path): moves a vector off an
+    initialisation where a wrong value would not show (DoRA's magnitude, IA3's vectors)."""
+
+    def move(path, x):
+        if not isinstance(x, node_type):
+            return x
+        node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        value = getattr(x, field)
+        factor = jax.random.uniform(node_key, value.shape, minval=0.5, maxval=1.5)
+        return dataclasses.replace(x, **{field: value * factor})
+
+    return jpeft.tree.map_nodes(move, params)
 
 
 def top_level_float_arrays(jaxpr, sizes) -> list:

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import zlib
 
 import contract
 import hf_models
@@ -56,15 +55,7 @@ def _logits(model, params, data) -> np.ndarray:
 def _moved(params, key):
     """`params` with every DoRA magnitude scaled by a random factor in [0.5, 1.5]: at
     initialisation ``m = ‖W + s·A@B‖``, where a wrong magnitude or norm would not show."""
-
-    def move(path, x):
-        if not isinstance(x, dora.DoraWeight):
-            return x
-        node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
-        factor = jax.random.uniform(node_key, x.magnitude.shape, minval=0.5, maxval=1.5)
-        return dataclasses.replace(x, magnitude=x.magnitude * factor)
-
-    return jpeft.tree.map_nodes(move, params)
+    return contract.scale_field(params, key, dora.DoraWeight, "magnitude")
 
 
 def _dora_nodes(params) -> list[dora.DoraWeight]:

@@ -7,10 +7,8 @@ contract runs through tests/test_methods.py.)"""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import re
-import zlib
 
 import contract
 import hf_models
@@ -61,15 +59,7 @@ def _logits(model, params, data) -> np.ndarray:
 def _moved(params, key):
     """`params` with every IA3 vector scaled by a random factor in [0.5, 1.5], the layers a
     regex left out included (they must keep scaling by one)."""
-
-    def move(path, x):
-        if not isinstance(x, ia3.IA3Weight):
-            return x
-        node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
-        factor = jax.random.uniform(node_key, x.vector.shape, minval=0.5, maxval=1.5)
-        return dataclasses.replace(x, vector=x.vector * factor)
-
-    return tree.map_nodes(move, params)
+    return contract.scale_field(params, key, ia3.IA3Weight, "vector")
 
 
 @pytest.mark.parametrize(
