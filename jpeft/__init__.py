@@ -5,6 +5,7 @@ functions over Hugging Face-named trees, loaded from safetensors folders or GGUF
 """
 
 from jpeft import (
+    adapters,
     checkpoint,
     data,
     distributed,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "adapters",
     "checkpoint",
     "combine",
     "count_parameters",

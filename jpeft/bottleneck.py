@@ -279,6 +279,29 @@ class BottleneckAdapter(tree.Node):
     def adapted_shape(self) -> tuple[int, ...]:
         return (*self.up.shape[:-2], -1, self.up.shape[-1])  # -1: any fan-in
 
+    def identity(self, base: Any) -> BottleneckAdapter:
+        """Zero weights: ``A = 0``, which leaves ``h + o`` (the block without an adapter)
+        in every configuration where the adapter's residual is the sublayer's output.
+
+        Raises:
+          ValueError: ``original_ln_after=False``, or ``residual_before_ln=False`` with
+            ``original_ln_before=True``: there ``A = 0`` still changes the block.
+        """
+        keeps_block = self.original_ln_after and (
+            self.is_parallel or self.residual_before_ln or not self.original_ln_before
+        )
+        if not keeps_block:
+            raise ValueError(
+                "a bottleneck adapter with original_ln_after=False, or residual_before_ln="
+                "False after original_ln_before, changes the block even with zero weights: "
+                "it has no identity setting for the slots of adapters that leave it out"
+            )
+        zero = {
+            name: jnp.zeros_like(getattr(self, name))
+            for name in ("down", "down_bias", "up", "up_bias")
+        }
+        return dataclasses.replace(self, w=None, **zero)
+
 
 @nn.register("residual", BottleneckAdapter)
 def _residual(h: jax.Array, x: jax.Array, node: BottleneckAdapter, bias: Any) -> jax.Array:

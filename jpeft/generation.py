@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import adapter_bank
 from jpeft.models import decoder, virtual_tokens
 
 _BUCKET = 32  # prompt lengths are padded to a multiple of this, bounding recompilation
@@ -32,6 +33,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    adapter_ids: Any = None,
 ) -> list[str]:
     """Generates a completion for each prompt.
 
@@ -45,6 +47,9 @@ def generate(
       top_p: nucleus sampling: sample among the smallest set of tokens whose probability
         reaches `top_p` (1.0 keeps every token).
       seed: the sampling seed.
+      adapter_ids: with several adapters stacked in `params` (:mod:`jpeft.adapters`): the
+        adapter of each prompt, ``int32 [b]`` (-1: none; see
+        :func:`jpeft.adapters.adapter_ids`), or one for all; the prompts run as one batch.
 
     Returns:
       The decoded new text of each prompt, without the end-of-sequence token.
@@ -68,6 +73,7 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        adapter_ids=adapter_ids,
     )
     eos = set(_eos_ids(model, tokenizer))
     texts = []
@@ -124,11 +130,14 @@ def generate_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    adapter_ids: Any = None,
 ) -> jax.Array:
     """The token-level loop of :func:`generate`: ``[b, max_new_tokens]`` new token ids.
 
     Rows that have ended are filled with their first end-of-sequence id.
     """
+    if adapter_ids is not None:
+        params = adapter_bank.route(params, adapter_ids)
     return _decode(
         model,
         params,

@@ -146,6 +146,9 @@ class IA3Weight(tree.Node):
         *lead, n = self.vector.shape
         return (*lead, n, -1) if self.feedforward else (*lead, -1, n)
 
+    def identity(self, base: Any) -> IA3Weight:
+        return dataclasses.replace(self, w=None, vector=jnp.ones_like(self.vector))
+
     def parameter_count(self) -> tuple[int, int]:
         adapter = self.vector.size
         if self.layers is not None:

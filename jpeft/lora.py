@@ -208,6 +208,11 @@ class LoraWeight(tree.Node):
     def adapted_shape(self) -> tuple[int, ...]:
         return (*self.a.shape[:-1], self.b.shape[-1])
 
+    def identity(self, base: Any) -> LoraWeight:
+        """Zero factors and scale: no update (DoRA's magnitude is then left unused)."""
+        zero = {name: jnp.zeros_like(getattr(self, name)) for name in ("a", "b", "scale")}
+        return dataclasses.replace(self, w=None, dropout_key=None, **zero)
+
     def alphas(self) -> np.ndarray:
         """``[...]`` α of each layer, recovered from `scale`."""
         return np.asarray(self.scale) * (math.sqrt(self.rank) if self.rslora else self.rank)

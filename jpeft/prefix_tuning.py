@@ -105,6 +105,10 @@ class Prefix(tree.Node):
     trainable_fields: ClassVar[tuple[str, ...]] = ("embedding", "w1", "b1", "w2", "b2")
     standalone: ClassVar[bool] = True
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
     def flat(self) -> jax.Array:
         """``[p, l·2·k·h]`` float32: the keys and values as PEFT stores them."""
         e = self.embedding.astype(jnp.float32)

@@ -93,6 +93,10 @@ class SoftPrompt(tree.Node):
     trainable_fields: ClassVar[tuple[str, ...]] = ("embedding",)
     standalone: ClassVar[bool] = True
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
 
 nn.register("value", SoftPrompt)(lambda node: node.embedding)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jpeft import nn, tree
+from jpeft import adapter_bank, nn, tree
 
 if TYPE_CHECKING:
     from jpeft.models.decoder import DecoderLM
@@ -49,7 +49,9 @@ def causal_lm_loss(
       model, params: the model and its (combined) parameter tree.
       batch: ``input_ids [b, t]``, optional ``attention_mask [b, t]`` (0 on padding),
         optional ``labels [b, t]`` (defaults to `input_ids` with padding ignored) and
-        optional ``segment_ids [b, t]`` for packed examples (see :mod:`jpeft.data`).
+        optional ``segment_ids [b, t]`` for packed examples (see :mod:`jpeft.data`) and
+        optional ``adapter_ids [b]``, each row's adapter of those stacked in `params`
+        (:mod:`jpeft.adapters`; each adapter's gradient then comes from its own rows only).
       chunk_size: sequence positions per logits chunk (bounds the ``[b, chunk, v]`` float32
         buffer). 32 rows per batch row keep the head's matmul efficient while its logits and
         their gradient stay small: on SmolLM2 at 4 x 256 tokens, 128 held 144 MiB more XLA
@@ -58,6 +60,8 @@ def causal_lm_loss(
     Returns:
       ``(loss_sum, token_count)``, both float32 scalars.
     """
+    if batch.get("adapter_ids") is not None:  # one of several stacked adapters per row
+        params = adapter_bank.route(params, batch["adapter_ids"])
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     labels = batch.get("labels")

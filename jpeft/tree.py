@@ -15,8 +15,12 @@ A node class declares, in one place, everything the rest of jpeft needs to know 
 * ``standalone``: True for a node that is an entry of its own rather than a stand-in for a
   base weight (the virtual tokens of prompt and prefix tuning): :func:`attach` adds it where
   the base has nothing, and it never folds into the weights;
+* ``frozen_fields``: fields that never train, not even the trainable fields of a node they
+  hold (the identity slot of :class:`jpeft.adapters.Bank`);
 * ``rng_field`` and :meth:`Node.rng_shape`: where per-layer PRNG keys go in a training step
   (:func:`with_rng`), e.g. for dropout;
+* :meth:`Node.identity`: the node's arrays set so that it computes exactly as its base
+  weight, for the slots of :mod:`jpeft.adapters` whose adapter leaves a module alone;
 * :meth:`Node.adapted_shape` and :meth:`Node.parameter_count`;
 * how it computes: rules registered with :func:`jpeft.nn.register` (``linear``, ``embed``,
   ``attend``, ``residual``, ``value``, and ``bias`` for a node that changes its module's
@@ -70,6 +74,7 @@ class Node:
     base_field: ClassVar[str | None] = None
     rng_field: ClassVar[str | None] = None
     standalone: ClassVar[bool] = False
+    frozen_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -84,6 +89,15 @@ class Node:
         """The shape of the PRNG keys this node takes in a training step (one per layer of a
         stacked weight), or None when it takes none (e.g. dropout 0)."""
         return None
+
+    def identity(self, base: Any) -> Node:
+        """A node of the same structure (base field None) that computes exactly as `base`,
+        the weight it adapts, with no update: e.g. LoRA with zero factors, IA3 with ones.
+
+        Raises:
+          ValueError: the method (or this configuration of it) has no such setting.
+        """
+        raise ValueError(f"{type(self).__name__} has no identity setting")
 
     def adapted_shape(self) -> tuple[int, ...]:
         """The shape of the weight this node adapts, from its own fields (-1 where any size
@@ -141,6 +155,9 @@ class Trainable(Node):
     def parameter_count(self) -> tuple[int, int]:
         size = int(np.prod(self.w.shape))
         return size, size * (2 if self.copied else 1)
+
+    def identity(self, base: Any) -> Trainable:
+        return Trainable(jnp.asarray(nn.value(base), self.w.dtype), copied=self.copied)
 
 
 nn.register("linear", Trainable)(lambda x, node: nn.linear(x, node.w))
@@ -308,7 +325,9 @@ def _node_mask(value: Any) -> Any:
         if field.metadata.get("static"):
             continue
         child = getattr(value, field.name)
-        if field.name in value.trainable_fields:
+        if field.name in value.frozen_fields:
+            changes[field.name] = jax.tree.map(lambda _: False, child)
+        elif field.name in value.trainable_fields:
             changes[field.name] = jax.tree.map(lambda _: True, child)
         else:
             changes[field.name] = _node_mask(child)

@@ -47,34 +47,17 @@ def load_tokenizer(path: Path, required: bool = True) -> Any:
 def adapter_kind(path: str | os.PathLike) -> tuple[str, Path]:
     """``("hf" | "adapterhub" | "jpeft", folder)`` of an adapter folder (or of a
     ``jpeft train`` output)."""
-    from jpeft import checkpoint
-    from jpeft.hf import adapterhub, peft_format
+    from jpeft import adapters
 
-    path = existing(path, "adapter")
-    if any(
-        (path / name).is_file() for name in (adapterhub.SAFETENSORS_FILE, adapterhub.TORCH_FILE)
-    ):
-        return "adapterhub", path  # AdapterHub names its config as PEFT does
-    if (path / peft_format.CONFIG_FILE).is_file():
-        return "hf", path
-    if (path / checkpoint.METADATA_FILE).is_file():
-        return "jpeft", path
-    if (path / "adapter" / checkpoint.METADATA_FILE).is_file():
-        return "jpeft", path / "adapter"
-    raise UsageError(
-        f"{path} is neither a jpeft adapter ({checkpoint.METADATA_FILE}) nor a Hugging Face "
-        f"PEFT adapter ({peft_format.CONFIG_FILE})"
-    )
+    try:
+        return adapters.folder_format(existing(path, "adapter"))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def with_adapter(base: dict, adapter: str | os.PathLike) -> dict:
     """`base` with the adapter of a jpeft, Hugging Face PEFT or AdapterHub folder on it."""
-    from jpeft import checkpoint
-    from jpeft.hf import adapterhub, peft_format
+    from jpeft import adapters
 
-    kind, folder = adapter_kind(adapter)
-    if kind == "hf":
-        return peft_format.import_peft(base, folder)
-    if kind == "adapterhub":
-        return adapterhub.import_adapterhub(base, folder)
-    return checkpoint.load_adapter(base, folder)
+    adapter_kind(adapter)  # a usage error for a folder of no known format
+    return adapters.read(base, adapter)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jpeft import nn, targets, tree
+from jpeft import adapter_bank, nn, targets, tree
 from jpeft.models import hf_layout, virtual_tokens
 from jpeft.models.hf_layout import HFEntry
 from jpeft.models.virtual_tokens import KVPrefix
@@ -219,6 +219,7 @@ class DecoderLM(abc.ABC):
         inputs_embeds: jax.Array | None = None,
         kv_prefix: KVPrefix | None = None,
         segment_ids: jax.Array | None = None,
+        adapter_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits ``[b, t, v]`` for ``input_ids: [b, t]`` (or ``inputs_embeds: [b, t, d]``).
 
@@ -230,7 +231,11 @@ class DecoderLM(abc.ABC):
           kv_prefix: per-layer keys and values every token attends to.
           segment_ids: ``[b, t]`` example ids for padding-free packing: each token attends
             only within its example, and positions restart at each example.
+          adapter_ids: with several adapters stacked in `params` (:mod:`jpeft.adapters`):
+            the adapter of every row, ``int32 [b]`` (-1: none), or one for all (a scalar).
         """
+        if adapter_ids is not None:
+            params = adapter_bank.route(params, adapter_ids)
         hidden, _ = self.hidden_states(
             params,
             input_ids,
@@ -279,7 +284,7 @@ class DecoderLM(abc.ABC):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        prompt, prefix = virtual_tokens.read(self, params)
+        prompt, prompt_valid, prefix = virtual_tokens.read(self, params)
         if prefix is not None:
             if kv_prefix is not None:
                 raise ValueError(f"pass kv_prefix or a prefix in params[{virtual_tokens.ENTRY!r}]")
@@ -297,7 +302,7 @@ class DecoderLM(abc.ABC):
         )
         if kv_prefix is not None:
             kv_prefix = virtual_tokens.batched(kv_prefix, batch)
-        virtual = 0 if prompt is None else prompt.shape[0]
+        virtual = 0 if prompt is None else prompt.shape[-2]
         if prompt is not None:
             if segment_ids is not None or positions is not None:
                 raise ValueError(
@@ -305,12 +310,12 @@ class DecoderLM(abc.ABC):
                     "with segment_ids (packing) or explicit positions"
                 )
             embeds = tokens if tokens.ndim == 3 else nn.embed(tokens, self.embedding(params))
-            tokens, new_valid = virtual_tokens.prepend(prompt, embeds, new_valid)
+            tokens, new_valid = virtual_tokens.prepend(prompt, embeds, new_valid, prompt_valid)
             steps += virtual
         self._check_positions(steps if cache is None else cache.valid.shape[1], kv_prefix)
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.next_position
         if kv_prefix is not None:  # the prefix holds positions 0..p-1, as in HF PEFT
-            start = start + kv_prefix.k.shape[2]
+            start = start + kv_prefix.valid.sum(-1, dtype=jnp.int32)
         if positions is None and segment_ids is not None:
             positions = _positions_within_segments(segment_ids)
         elif positions is None:
@@ -329,7 +334,7 @@ class DecoderLM(abc.ABC):
         mask_valid = key_valid
         if kv_prefix is not None:
             prefix_len = kv_prefix.k.shape[2]
-            mask_valid = jnp.concatenate([jnp.ones((batch, prefix_len), bool), key_valid], 1)
+            mask_valid = jnp.concatenate([kv_prefix.valid, key_valid], 1)
             query_slots = query_slots + prefix_len
         scale = self.attention_scale
         # Without a cache, query i sees no key slot past i (+ the prefix): the attention
@@ -373,7 +378,7 @@ class DecoderLM(abc.ABC):
             return h, None
         next_position = start + new_valid.sum(-1, dtype=jnp.int32)
         if kv_prefix is not None:  # positions are counted apart from the prefix
-            next_position = next_position - kv_prefix.k.shape[2]
+            next_position = next_position - kv_prefix.valid.sum(-1, dtype=jnp.int32)
         new_cache = KVCache(
             k=new_k,
             v=new_v,

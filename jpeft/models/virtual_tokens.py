@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jpeft import nn
+from jpeft import adapter_bank, nn
 
 ENTRY = "virtual_tokens"
 """The key of the reserved entry at the top of a parameter tree."""
@@ -47,48 +47,75 @@ class KVPrefix(NamedTuple):
     Attributes:
       k, v: ``[l, p, k, h]`` for a prefix of ``p`` virtual tokens shared by every row, or
         ``[l, b, p, k, h]`` for one prefix per row.
+      valid: None (every slot real), or ``[p]`` / ``[b, p]`` False on the slots that hold
+        no virtual token (the padding of stacked adapters, :mod:`jpeft.adapters`): they are
+        masked out, and positions count the real ones only.
     """
 
     k: jax.Array
     v: jax.Array
+    valid: jax.Array | None = None
 
 
-def read(model: Any, params: Any, shapes_only: bool = False) -> tuple[Any, KVPrefix | None]:
-    """The dense soft prompt ``[p, d]`` and prefix (``[l, p, k, h]``) of ``params[ENTRY]``,
-    None for each one absent (shapes alone with `shapes_only`).
+def read(model: Any, params: Any, shapes_only: bool = False) -> tuple[Any, Any, KVPrefix | None]:
+    """``(prompt, prompt_valid, prefix)`` of ``params[ENTRY]``: the dense soft prompt
+    ``[p, d]`` (``[b, p, d]`` with one per row), its validity (None: all real; ``[p]`` or
+    ``[b, p]``) and the prefix (``[l, p, k, h]`` or ``[l, b, p, k, h]``); None for each one
+    absent (shapes alone with `shapes_only`).
 
     Raises:
       ValueError: unknown entries or shapes that do not fit `model` (named in the message).
     """
     entry = params.get(ENTRY) if isinstance(params, Mapping) else None
     if not entry:
-        return None, None
+        return None, None, None
     unknown = sorted(set(entry) - set(KINDS))
     if unknown:
         raise ValueError(f"params[{ENTRY!r}] has unknown entries {unknown}; expected {list(KINDS)}")
     dense = (lambda x: jax.eval_shape(nn.value, x)) if shapes_only else nn.value
-    prompt = None if entry.get("prompt") is None else dense(entry["prompt"])
+    prompt = prompt_valid = None
+    if entry.get("prompt") is not None:
+        prompt, prompt_valid = _with_validity(dense(entry["prompt"]))
     prefix = entry.get("prefix")
     if prefix is not None:
         prefix = prefix if isinstance(prefix, KVPrefix) else dense(prefix)
+        prefix, valid = _with_validity(prefix)
         if not isinstance(prefix, KVPrefix):
             raise TypeError(
                 f"params[{ENTRY!r}]['prefix'] must be a KVPrefix or a node whose value is one, "
                 f"not {type(prefix).__name__}"
             )
-        prefix = KVPrefix(*(dense(x) for x in prefix))
+        k, v = (dense(x) for x in prefix[:2])
+        if valid is not None and valid.ndim == 2:  # [b, l, p, k, h] -> [l, b, p, k, h]
+            k, v = (jax.ShapeDtypeStruct((x.shape[1], x.shape[0], *x.shape[2:]), x.dtype)
+                    if shapes_only else jnp.swapaxes(x, 0, 1) for x in (k, v))  # fmt: skip
+        prefix = KVPrefix(k, v, valid if valid is not None else prefix.valid)
     width = nn.shape(model.embedding(params))[-1]
-    if prompt is not None and (prompt.ndim != 2 or prompt.shape[1] != width):
+    if prompt is not None and (prompt.ndim - _rows(prompt_valid) != 2 or prompt.shape[-1] != width):
         raise ValueError(f"the soft prompt has shape {tuple(prompt.shape)}; expected [p, {width}]")
     layer = (model.num_layers, model.num_kv_heads, model.head_dim)
     if prefix is not None and any(
-        x.ndim != 4 or (x.shape[0], *x.shape[2:]) != layer for x in prefix
+        x.ndim - _rows(prefix.valid) != 4 or (x.shape[0], *x.shape[-2:]) != layer
+        for x in prefix[:2]
     ):
         raise ValueError(
-            f"the prefix keys/values have shapes {[tuple(x.shape) for x in prefix]}; "
+            f"the prefix keys/values have shapes {[tuple(x.shape) for x in prefix[:2]]}; "
             f"expected [{layer[0]}, p, {layer[1]}, {layer[2]}]"
         )
-    return prompt, prefix
+    return prompt, prompt_valid, prefix
+
+
+def _with_validity(value: Any) -> tuple[Any, Any]:
+    """``(value, valid)`` of a dense entry: a :class:`jpeft.adapter_bank.Masked` pair
+    (stacked adapters) or a plain value (every virtual token real)."""
+    if isinstance(value, adapter_bank.Masked):
+        return value.value, value.valid
+    return value, None
+
+
+def _rows(valid: Any) -> int:
+    """1 when `valid` has a batch axis (one entry per row), else 0."""
+    return int(valid is not None and valid.ndim == 2)
 
 
 def check_count(num_virtual_tokens: Any) -> None:
@@ -100,23 +127,29 @@ def check_count(num_virtual_tokens: Any) -> None:
 def prompt_length(model: Any, params: Any) -> int:
     """How many soft-prompt tokens `params` prepends to each sequence (the cache slots they
     take in generation)."""
-    prompt, _ = read(model, params, shapes_only=True)
-    return 0 if prompt is None else prompt.shape[0]
+    prompt, _, _ = read(model, params, shapes_only=True)
+    return 0 if prompt is None else prompt.shape[-2]
 
 
-def prepend(prompt: jax.Array, embeds: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``[b, p + t, d]`` embeddings with the ``[p, d]`` prompt before every row of
-    ``embeds: [b, t, d]``, and the ``[b, p + t]`` validity mask with the prompt valid."""
-    batch = embeds.shape[0]
-    prompt = jnp.broadcast_to(prompt.astype(embeds.dtype), (batch, *prompt.shape))
-    ones = jnp.ones((batch, prompt.shape[1]), bool)
-    return jnp.concatenate([prompt, embeds], axis=1), jnp.concatenate([ones, valid], axis=1)
+def prepend(
+    prompt: jax.Array, embeds: jax.Array, valid: jax.Array, prompt_valid: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``[b, p + t, d]`` embeddings with the ``[p, d]`` (or ``[b, p, d]``) prompt before
+    every row of ``embeds: [b, t, d]``, and the ``[b, p + t]`` validity mask, the prompt's
+    from `prompt_valid` (``[p]`` or ``[b, p]``; None: all valid)."""
+    batch, p = embeds.shape[0], prompt.shape[-2]
+    prompt = jnp.broadcast_to(prompt.astype(embeds.dtype), (batch, p, prompt.shape[-1]))
+    real = jnp.ones((p,), bool) if prompt_valid is None else prompt_valid
+    real = jnp.broadcast_to(real, (batch, p))
+    return jnp.concatenate([prompt, embeds], axis=1), jnp.concatenate([real, valid], axis=1)
 
 
 def batched(prefix: KVPrefix, batch: int) -> KVPrefix:
-    """The prefix with a batch axis, ``[l, b, p, k, h]`` (one shared prefix broadcast)."""
-    if prefix.k.ndim == 5:
-        return prefix
-    return KVPrefix(
-        *(jnp.broadcast_to(x[:, None], (x.shape[0], batch, *x.shape[1:])) for x in prefix)
-    )
+    """The prefix with a batch axis, ``[l, b, p, k, h]`` (one shared prefix broadcast), and
+    its validity ``[b, p]``."""
+    k, v = prefix.k, prefix.v
+    if k.ndim == 4:
+        k, v = (jnp.broadcast_to(x[:, None], (x.shape[0], batch, *x.shape[1:])) for x in (k, v))
+    p = k.shape[2]
+    valid = jnp.ones((p,), bool) if prefix.valid is None else prefix.valid
+    return KVPrefix(k, v, jnp.broadcast_to(valid, (batch, p)))
