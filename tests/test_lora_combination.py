@@ -151,6 +151,7 @@ SVD_CASES = [
     ("svd", {}),  # rank 8: q_proj's delta (ranks 4 + 4) exact, v and down truncated
     ("svd", dict(svd_rank=16)),  # at least each delta's rank: exact everywhere
     ("svd", dict(svd_rank=3, svd_full_matrices=False)),
+    ("svd", dict(svd_rank=20, svd_full_matrices=False)),  # past k_proj's min(in, out) = 16
     ("ties_svd", dict(density=0.5, svd_rank=5)),
     ("ties_svd", dict(density=0.7, majority_sign_method="frequency")),
     ("dare_linear_svd", dict(density=1.0, svd_rank=6)),
@@ -333,6 +334,24 @@ def test_dare_svd_prunes_the_deltas_at_density(wide):
     clear = np.abs(full) > 1e-3
     kept = np.abs(got - full) < np.abs(got)
     assert abs(kept[clear].mean() - 0.5) < 0.02
+
+
+def test_magnitude_pruning_keeps_exactly_its_count_among_equal_magnitudes(wide):
+    # Factors of ±1 only: every entry ties with every other, and peft's topk still keeps
+    # exactly ⌊density · size⌋ of each layer's entries.
+    signs = jax.tree.map(
+        lambda x: dataclasses.replace(x, a=jnp.sign(x.a), b=jnp.sign(x.b))
+        if isinstance(x, lora.LoraWeight) else x,
+        wide[0], is_leaf=lambda x: isinstance(x, lora.LoraWeight),
+    )  # fmt: skip
+    combined = lora_combination.combine(
+        [signs, wide[1]], [1.0, 0.0], combination_type="magnitude_prune", density=0.3
+    )
+    for module in targeting.modules(combined):
+        if isinstance(module.weight, lora.LoraWeight):
+            a = np.asarray(module.weight.a)  # [layers, in, r]
+            kept = (a != 0).reshape(a.shape[0], -1).sum(axis=1)
+            np.testing.assert_array_equal(kept, int(0.3 * a[0].size), err_msg=module.names[0])
 
 
 def test_dare_is_random_by_key_and_repeatable(wide):
