@@ -36,13 +36,17 @@ The merge rules over tensors ``T_i`` (one layer of one module) with weights ``λ
 A `density` of 1 prunes nothing (DARE then is deterministic). Adapters that do not adapt a
 layer take no part in that layer's merge, as in PEFT. All arithmetic is float32.
 
-Differences from PEFT, all where PEFT fails or drops something silently: the layers adapted
-are the union of the inputs' (PEFT takes the first adapter's ``layers_to_transform`` and
-fails on a layer no adapter adapts); the new adapter's scale is 1 even when the first
-adapter uses rsLoRA (PEFT then copies ``use_rslora`` and scales the result by ``√r``);
-mismatched weights, a missing `density` or DARE's ``density = 0`` (PEFT: 0/0) are errors;
-an `svd_rank` above ``min(in, out)`` pads the factors with zeros (PEFT's full SVD then gives
-factors of two ranks that do not multiply).
+Differences from PEFT, each where PEFT fails or is wrong without a word:
+
+- the layers adapted are the union of the inputs' (PEFT takes the first adapter's
+  ``layers_to_transform``, dropping layers only the others adapt, and fails on a layer of
+  its targets that no adapter adapts);
+- the new adapter's scale is 1 even when the first adapter uses rsLoRA (PEFT copies its
+  ``use_rslora`` with ``lora_alpha = r``, and so scales the result by ``√r``);
+- an `svd_rank` above ``min(in, out)`` pads the factors with zeros (PEFT's full SVD then
+  gives ``A`` and ``B`` of two ranks, which do not multiply);
+- mismatched weights, a missing `density`, DARE's ``density = 0`` (PEFT divides 0 by 0)
+  and options the type does not use are errors.
 
 Example::
 

@@ -168,6 +168,40 @@ def test_svd_types_match_peft_reconstructed_deltas(setup, kind, options):
     assert _max_difference(ours, theirs) < SVD_TOLERANCE
 
 
+def test_cat_is_the_weighted_sum_of_the_deltas_even_after_an_rslora_adapter(setup):
+    # peft copies the first adapter's use_rslora into the new adapter's config with
+    # lora_alpha = r, so its "f" first result is √r times this sum (measured: 2.8284 at
+    # r = 8); jpeft's new adapter has scale 1 whatever the inputs.
+    f, e = setup["ours"]["f"], setup["ours"]["e"]
+    combined = lora_combination.combine([f, e], [0.7, 0.4], combination_type="cat")
+    ours, deltas = _jpeft_deltas(combined), [_jpeft_deltas(f), _jpeft_deltas(e)]
+    assert set(ours) == set(deltas[0]) | set(deltas[1])
+    for name, delta in ours.items():
+        expected = 0.7 * deltas[0].get(name, 0.0) + 0.4 * deltas[1].get(name, 0.0)
+        np.testing.assert_allclose(delta, expected, atol=EXACT_TOLERANCE, err_msg=name)
+
+
+def test_qlora_adapters_combine_over_their_nf4_base(setup):
+    from jpeft import qlora
+    from jpeft.quant import nf4
+
+    quantized = qlora.quantize(setup["params"], block_size=32)
+    x, y = (
+        lora.apply(quantized, rank=4, targets=t, init_lora_weights=False, key=jax.random.key(i))
+        for i, t in enumerate((["q_proj", "v_proj"], ["q_proj", "k_proj"]))
+    )
+    combined = lora_combination.combine([x, y], [0.5, -1.0], combination_type="svd")
+    keys = ("model", "layers", "self_attn", "q_proj", "weight")
+    node = jpeft.tree.get_path(combined, keys)
+    assert isinstance(node.w, nf4.NF4Weight) and node.w is jpeft.tree.get_path(x, keys).w
+    ours, dx, dy = _jpeft_deltas(combined), _jpeft_deltas(x), _jpeft_deltas(y)
+    for name, delta in ours.items():
+        if name.endswith("q_proj"):  # rank 4 + 4, truncated to 4; k and v: one adapter, exact
+            continue
+        expected = 0.5 * dx.get(name, 0.0) - dy.get(name, 0.0)
+        np.testing.assert_allclose(delta, expected, atol=SVD_TOLERANCE, err_msg=name)
+
+
 def test_svd_rank_is_the_rank_of_the_result(setup):
     combined = lora_combination.combine(
         [setup["ours"][n] for n in "efg"], [1.0, 1.0, 1.0], combination_type="svd", svd_rank=3
