@@ -18,6 +18,8 @@ Example::
         --rank 8 --alpha 16 --targets all-linear --lr 1e-3 --epochs 2
     jpeft generate model.gguf --adapter out/run/adapter --chat --prompt "Hi!"
     jpeft merge model.gguf --adapter out/run/adapter --out out/merged
+    jpeft merge model.gguf --adapter math=out/math/adapter --adapter code=peft_code/ \\
+        --weights 0.7,0.3 --combination ties --density 0.5 --out out/combined
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ tokenizer and an adapter of either format."""
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,43 @@ def adapter_kind(path: str | os.PathLike) -> tuple[str, Path]:
         return adapters.folder_format(existing(path, "adapter"))
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def parse_named_adapter(spec: str) -> tuple[str | None, str]:
+    """``("NAME", "DIR")`` from ``--adapter NAME=DIR``; ``(None, "DIR")`` from a folder alone.
+
+    NAME is letters, digits, ``_``, ``-`` and ``.``; text whose part before ``=`` is not such a
+    name, or which is an existing path as a whole, is a folder alone (folders may hold ``=``).
+
+    Raises:
+      UsageError: ``NAME=`` with no folder.
+    """
+    name, sep, folder = spec.partition("=")
+    if not sep or os.path.exists(spec) or not re.fullmatch(r"[\w.-]+", name):
+        return None, spec
+    if not folder:
+        raise UsageError(f"--adapter {spec}: expected NAME=DIR, with the adapter folder after '='")
+    return name, folder
+
+
+def named_adapters(specs: Sequence[str]) -> dict[str, str]:
+    """``{name: folder}`` from ``--adapter`` values (``NAME=DIR`` or ``DIR``, in order); an
+    unnamed folder is named after its last path component.
+
+    Raises:
+      UsageError: two adapters of one name.
+    """
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, folder = parse_named_adapter(spec)
+        name = name or Path(folder).name
+        if name in named:
+            raise UsageError(
+                f"two adapters are named {name!r} ({named[name]} and {folder}): give each "
+                "--adapter a name of its own, as NAME=DIR"
+            )
+        named[name] = folder
+    return named
 
 
 def with_adapter(base: dict, adapter: str | os.PathLike) -> dict:

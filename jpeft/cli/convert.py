@@ -1,5 +1,6 @@
 """``jpeft merge``, ``export-hf`` and ``import-hf``: an adapter folded into a Hugging Face
-model folder, or converted between jpeft's and Hugging Face PEFT's adapter formats."""
+model folder, several LoRA adapters combined into one (:mod:`jpeft.lora_combination`), or an
+adapter converted between jpeft's and Hugging Face PEFT's adapter formats."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+from jpeft import lora_combination
 from jpeft.cli.common import (
     DTYPES,
     EXIT_OK,
@@ -16,6 +18,7 @@ from jpeft.cli.common import (
     existing,
     load_model,
     load_tokenizer,
+    named_adapters,
     with_adapter,
 )
 
@@ -23,20 +26,27 @@ from jpeft.cli.common import (
 def add_parsers(commands: Any) -> None:
     merge = commands.add_parser(
         "merge",
-        help="fold an adapter into the base and write a Hugging Face model folder",
-        description="Folds the adapter into MODEL's weights (W + scale * A @ B for LoRA) and "
-        "writes a Hugging Face model folder (config.json, model.safetensors and the "
-        "tokenizer) that transformers.AutoModelForCausalLM.from_pretrained loads; from a "
-        ".gguf file the weights are dequantised.",
-        epilog="example: jpeft merge model.gguf --adapter out/run/adapter --out out/merged",
+        help="fold an adapter into the base, or combine several adapters into one",
+        description="With one adapter: folds it into MODEL's weights (W + scale * A @ B for "
+        "LoRA) and writes a Hugging Face model folder (config.json, model.safetensors and the "
+        "tokenizer) that transformers.AutoModelForCausalLM.from_pretrained loads; from a .gguf "
+        "file the weights are dequantised. With several LoRA adapters (--adapter NAME=DIR, "
+        "repeated) or --combination: combines them into one LoRA adapter as Hugging Face "
+        "PEFT's add_weighted_adapter does (jpeft.lora_combination) and writes it as a jpeft "
+        "adapter folder (convert it with 'jpeft export-hf'), or, with --full, the base with "
+        "the combined adapter folded in.",
+        epilog="examples: jpeft merge model.gguf --adapter out/run/adapter --out out/merged; "
+        "jpeft merge model.gguf --adapter a=out/a/adapter --adapter b=peft_b/ --weights 0.7,0.3 "
+        "--combination ties --density 0.5 --out out/combined",
     )
     _model_arg(merge)
     merge.add_argument(
         "--adapter",
-        metavar="DIR",
+        metavar="[NAME=]DIR",
+        action="append",
         required=True,
-        help="a jpeft or Hugging Face PEFT adapter folder, or a 'jpeft train' output folder; "
-        "required",
+        help="a jpeft or Hugging Face PEFT adapter folder, or a 'jpeft train' output folder, "
+        "optionally named (NAME=DIR); repeat it to combine adapters; required",
     )
     merge.add_argument("--out", metavar="DIR", required=True, help="the folder to write; required")
     merge.add_argument(
@@ -44,6 +54,60 @@ def add_parsers(commands: Any) -> None:
         choices=DTYPES,
         default="float32",
         help="dtype of the merged weights written (default: float32)",
+    )
+    combination = merge.add_argument_group(
+        "combining adapters", "options of jpeft.lora_combination.combine (peft's names)"
+    )
+    combination.add_argument(
+        "--weights",
+        metavar="W1,W2,...",
+        help="one weight per adapter, in --adapter order, of any sign (default: 1 each)",
+    )
+    combination.add_argument(
+        "--combination",
+        choices=lora_combination.COMBINATION_TYPES,
+        metavar="TYPE",
+        help="how to combine: " + ", ".join(lora_combination.COMBINATION_TYPES) + " (default: "
+        "svd when several adapters are given, peft's default; cat is exact, at the sum of "
+        "the ranks)",
+    )
+    combination.add_argument(
+        "--density",
+        type=float,
+        metavar="D",
+        help="fraction of entries kept by the pruning types (ties, dare_*, magnitude_prune "
+        "and their _svd forms); required by those, no default",
+    )
+    combination.add_argument(
+        "--majority-sign-method",
+        choices=lora_combination.SIGN_METHODS,
+        default="total",
+        help="how ties and dare_ties elect the sign of each entry (default: total)",
+    )
+    combination.add_argument(
+        "--svd-rank",
+        type=int,
+        metavar="R",
+        help="rank of the result of the SVD types (default: the largest adapter rank)",
+    )
+    combination.add_argument(
+        "--svd-clamp",
+        type=float,
+        metavar="Q",
+        help="clamp the SVD types' factors at this quantile of their entries (default: none)",
+    )
+    combination.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of DARE's random pruning (default: 0)",
+    )
+    combination.add_argument(
+        "--full",
+        action="store_true",
+        help="write the base with the combined adapter folded in (a Hugging Face model "
+        "folder) instead of the combined adapter (default: off; always on with one adapter "
+        "and no --combination or --weights)",
     )
 
     export = commands.add_parser(
@@ -105,14 +169,33 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from jpeft import models, tree
+    from jpeft import checkpoint, models, tree
 
     model_path = existing(args.model, "model")
+    adapters = named_adapters(args.adapter)
+    combining = len(adapters) > 1 or args.combination is not None or args.weights is not None
+    if not combining:
+        given = [f for f in _COMBINATION_ONLY if getattr(args, _dest(f)) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply only when combining adapters")
     model, base = load_model(model_path, args.dtype)
+    if combining:
+        params, config = _combine(base, adapters, args)
+        if not args.full:
+            checkpoint.save_adapter(
+                params, args.out, config={**config, "base_model_name_or_path": str(model_path)}
+            )
+            print(
+                f"wrote the {config['combination_type']} combination of {', '.join(adapters)} "
+                f"(weights {config['weights']}) as the jpeft adapter {args.out}"
+            )
+            return EXIT_OK
+    else:
+        params = with_adapter(base, next(iter(adapters.values())))
     try:
-        merged = tree.materialize(with_adapter(base, args.adapter))
+        merged = tree.materialize(params)
     except TypeError as err:  # prompt or prefix tuning: nothing to fold into the weights
-        raise UsageError(f"{args.adapter}: {err}") from err
+        raise UsageError(f"{args.adapter[0]}: {err}") from err
     tokenizer = load_tokenizer(model_path, required=False)
     state = models.save_pretrained(
         model, merged, args.out, config=models.read_config(model_path), tokenizer=tokenizer
@@ -127,6 +210,59 @@ def merge(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+# merge options that mean something only when adapters are combined (and have no default)
+_COMBINATION_ONLY = ("--density", "--svd-rank", "--svd-clamp")
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _combine(base: dict, adapters: dict[str, str], args: argparse.Namespace) -> tuple[dict, dict]:
+    """The combined LoRA adapter over `base`, and the options that made it."""
+    import jax
+
+    weights = _weights(args.weights, len(adapters))
+    config = {
+        "combination_type": args.combination or "svd",
+        "adapters": {name: str(folder) for name, folder in adapters.items()},
+        "weights": weights,
+        "density": args.density,
+        "majority_sign_method": args.majority_sign_method,
+        "svd_rank": args.svd_rank,
+        "svd_clamp": args.svd_clamp,
+        "seed": args.seed,
+    }
+    trees = [with_adapter(base, folder) for folder in adapters.values()]
+    try:
+        params = lora_combination.combine(
+            trees,
+            weights,
+            combination_type=config["combination_type"],
+            svd_rank=args.svd_rank,
+            svd_clamp=args.svd_clamp,
+            density=args.density,
+            majority_sign_method=args.majority_sign_method,
+            key=jax.random.key(args.seed),
+        )
+    except ValueError as err:
+        names = ", ".join(f"{i} is {n}={f}" for i, (n, f) in enumerate(adapters.items()))
+        raise UsageError(f"{err} (adapter {names})") from err
+    return params, config
+
+
+def _weights(text: str | None, count: int) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights {text}: expected numbers separated by commas") from None
+    if len(weights) != count:
+        raise UsageError(f"--weights {text}: {len(weights)} weights for {count} adapters")
+    return weights
 
 
 def export_hf(args: argparse.Namespace) -> int:
