@@ -284,7 +284,7 @@ class DecoderLM(abc.ABC):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        prompt, prompt_valid, prefix = virtual_tokens.read(self, params)
+        prompt, prompt_valid, prefix, prefix_valid = virtual_tokens.read(self, params)
         if prefix is not None:
             if kv_prefix is not None:
                 raise ValueError(f"pass kv_prefix or a prefix in params[{virtual_tokens.ENTRY!r}]")
@@ -302,6 +302,7 @@ class DecoderLM(abc.ABC):
         )
         if kv_prefix is not None:
             kv_prefix = virtual_tokens.batched(kv_prefix, batch)
+            prefix_valid = virtual_tokens.validity(prefix_valid, batch, kv_prefix.k.shape[2])
         virtual = 0 if prompt is None else prompt.shape[-2]
         if prompt is not None:
             if segment_ids is not None or positions is not None:
@@ -315,7 +316,7 @@ class DecoderLM(abc.ABC):
         self._check_positions(steps if cache is None else cache.valid.shape[1], kv_prefix)
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.next_position
         if kv_prefix is not None:  # the prefix holds positions 0..p-1, as in HF PEFT
-            start = start + kv_prefix.valid.sum(-1, dtype=jnp.int32)
+            start = start + prefix_valid.sum(-1, dtype=jnp.int32)
         if positions is None and segment_ids is not None:
             positions = _positions_within_segments(segment_ids)
         elif positions is None:
@@ -334,7 +335,7 @@ class DecoderLM(abc.ABC):
         mask_valid = key_valid
         if kv_prefix is not None:
             prefix_len = kv_prefix.k.shape[2]
-            mask_valid = jnp.concatenate([kv_prefix.valid, key_valid], 1)
+            mask_valid = jnp.concatenate([prefix_valid, key_valid], 1)
             query_slots = query_slots + prefix_len
         scale = self.attention_scale
         # Without a cache, query i sees no key slot past i (+ the prefix): the attention
@@ -378,7 +379,7 @@ class DecoderLM(abc.ABC):
             return h, None
         next_position = start + new_valid.sum(-1, dtype=jnp.int32)
         if kv_prefix is not None:  # positions are counted apart from the prefix
-            next_position = next_position - kv_prefix.valid.sum(-1, dtype=jnp.int32)
+            next_position = next_position - prefix_valid.sum(-1, dtype=jnp.int32)
         new_cache = KVCache(
             k=new_k,
             v=new_v,

@@ -47,33 +47,44 @@ class KVPrefix(NamedTuple):
     Attributes:
       k, v: ``[l, p, k, h]`` for a prefix of ``p`` virtual tokens shared by every row, or
         ``[l, b, p, k, h]`` for one prefix per row.
-      valid: None (every slot real), or ``[p]`` / ``[b, p]`` False on the slots that hold
-        no virtual token (the padding of stacked adapters, :mod:`jpeft.adapters`): they are
-        masked out, and positions count the real ones only.
     """
 
     k: jax.Array
     v: jax.Array
-    valid: jax.Array | None = None
 
 
-def read(model: Any, params: Any, shapes_only: bool = False) -> tuple[Any, Any, KVPrefix | None]:
-    """``(prompt, prompt_valid, prefix)`` of ``params[ENTRY]``: the dense soft prompt
-    ``[p, d]`` (``[b, p, d]`` with one per row), its validity (None: all real; ``[p]`` or
-    ``[b, p]``) and the prefix (``[l, p, k, h]`` or ``[l, b, p, k, h]``); None for each one
-    absent (shapes alone with `shapes_only`).
+class Entry(NamedTuple):
+    """The dense virtual tokens of a parameter tree (:func:`read`); None where absent.
+
+    Attributes:
+      prompt: the soft prompt ``[p, d]``, or ``[b, p, d]`` with one per row.
+      prompt_valid: None (every virtual token real), or ``[p]`` / ``[b, p]`` False on the
+        slots that hold none (the padding of stacked adapters, :mod:`jpeft.adapters`):
+        they are masked out, and positions count the real ones only.
+      prefix: the key/value prefix.
+      prefix_valid: as `prompt_valid`, for the prefix's slots.
+    """
+
+    prompt: Any = None
+    prompt_valid: Any = None
+    prefix: KVPrefix | None = None
+    prefix_valid: Any = None
+
+
+def read(model: Any, params: Any, shapes_only: bool = False) -> Entry:
+    """The :class:`Entry` of ``params[ENTRY]`` (shapes alone with `shapes_only`).
 
     Raises:
       ValueError: unknown entries or shapes that do not fit `model` (named in the message).
     """
     entry = params.get(ENTRY) if isinstance(params, Mapping) else None
     if not entry:
-        return None, None, None
+        return Entry()
     unknown = sorted(set(entry) - set(KINDS))
     if unknown:
         raise ValueError(f"params[{ENTRY!r}] has unknown entries {unknown}; expected {list(KINDS)}")
     dense = (lambda x: jax.eval_shape(nn.value, x)) if shapes_only else nn.value
-    prompt = prompt_valid = None
+    prompt = prompt_valid = valid = None
     if entry.get("prompt") is not None:
         prompt, prompt_valid = _with_validity(dense(entry["prompt"]))
     prefix = entry.get("prefix")
@@ -89,20 +100,19 @@ def read(model: Any, params: Any, shapes_only: bool = False) -> tuple[Any, Any, 
         if valid is not None and valid.ndim == 2:  # [b, l, p, k, h] -> [l, b, p, k, h]
             k, v = (jax.ShapeDtypeStruct((x.shape[1], x.shape[0], *x.shape[2:]), x.dtype)
                     if shapes_only else jnp.swapaxes(x, 0, 1) for x in (k, v))  # fmt: skip
-        prefix = KVPrefix(k, v, valid if valid is not None else prefix.valid)
+        prefix = KVPrefix(k, v)
     width = nn.shape(model.embedding(params))[-1]
     if prompt is not None and (prompt.ndim - _rows(prompt_valid) != 2 or prompt.shape[-1] != width):
         raise ValueError(f"the soft prompt has shape {tuple(prompt.shape)}; expected [p, {width}]")
     layer = (model.num_layers, model.num_kv_heads, model.head_dim)
     if prefix is not None and any(
-        x.ndim - _rows(prefix.valid) != 4 or (x.shape[0], *x.shape[-2:]) != layer
-        for x in prefix[:2]
+        x.ndim - _rows(valid) != 4 or (x.shape[0], *x.shape[-2:]) != layer for x in prefix[:2]
     ):
         raise ValueError(
             f"the prefix keys/values have shapes {[tuple(x.shape) for x in prefix[:2]]}; "
             f"expected [{layer[0]}, p, {layer[1]}, {layer[2]}]"
         )
-    return prompt, prompt_valid, prefix
+    return Entry(prompt, prompt_valid, prefix, valid)
 
 
 def _with_validity(value: Any) -> tuple[Any, Any]:
@@ -127,7 +137,7 @@ def check_count(num_virtual_tokens: Any) -> None:
 def prompt_length(model: Any, params: Any) -> int:
     """How many soft-prompt tokens `params` prepends to each sequence (the cache slots they
     take in generation)."""
-    prompt, _, _ = read(model, params, shapes_only=True)
+    prompt = read(model, params, shapes_only=True).prompt
     return 0 if prompt is None else prompt.shape[-2]
 
 
@@ -145,11 +155,14 @@ def prepend(
 
 
 def batched(prefix: KVPrefix, batch: int) -> KVPrefix:
-    """The prefix with a batch axis, ``[l, b, p, k, h]`` (one shared prefix broadcast), and
-    its validity ``[b, p]``."""
-    k, v = prefix.k, prefix.v
-    if k.ndim == 4:
-        k, v = (jnp.broadcast_to(x[:, None], (x.shape[0], batch, *x.shape[1:])) for x in (k, v))
-    p = k.shape[2]
-    valid = jnp.ones((p,), bool) if prefix.valid is None else prefix.valid
-    return KVPrefix(k, v, jnp.broadcast_to(valid, (batch, p)))
+    """The prefix with a batch axis, ``[l, b, p, k, h]`` (one shared prefix broadcast)."""
+    if prefix.k.ndim == 5:
+        return prefix
+    return KVPrefix(
+        *(jnp.broadcast_to(x[:, None], (x.shape[0], batch, *x.shape[1:])) for x in prefix)
+    )
+
+
+def validity(valid: jax.Array | None, batch: int, slots: int) -> jax.Array:
+    """``[b, p]`` validity of `slots` virtual tokens from an :class:`Entry`'s (None: all)."""
+    return jnp.broadcast_to(jnp.ones((slots,), bool) if valid is None else valid, (batch, slots))
