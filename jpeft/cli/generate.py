@@ -61,7 +61,7 @@ def add_parser(commands: Any) -> None:
         metavar="TEXT",
         nargs="+",
         action="extend",
-        help="one or more prompts (the flag may be repeated)",
+        help="one or more prompts (the flag may be repeated); --prompt or --prompts is required",
     )
     gen.add_argument(
         "--prompts",
