@@ -73,13 +73,20 @@ def machine_tag() -> str:
     return f"{slug}-{os.cpu_count()}c"
 
 
-def _worker(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
+def _worker(
+    kind: str,
+    spec: dict,
+    work: Path,
+    env: dict | None = None,
+    entry: tuple[str, ...] = ("bench.workers",),
+) -> dict:
+    """Runs ``python -m *entry KIND SPEC RESULT`` in `work`; its JSON result."""
     name = f"{kind}-{spec.get('variant', '')}-{len(list(work.glob('*.json')))}"
     spec_path, result_path = work / f"{name}.spec", work / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
     print(f"  [{kind} {spec.get('variant', '')}] ...", end="", flush=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.workers", kind, str(spec_path), str(result_path)],
+        [sys.executable, "-m", *entry, kind, str(spec_path), str(result_path)],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         capture_output=True,
