@@ -35,6 +35,11 @@ def test_the_readme_script_runs_as_written(smollm2_file, tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414" in out
     assert np.isfinite(float(namespace["metrics"]["loss"]))
+    multi = namespace["multi"]
+    assert jpeft.adapters.names(multi) == ("chat", "ia3")
+    bank = multi.params["model"]["layers"]["self_attn"]["v_proj"]["weight"]  # LoRA and IA3
+    np.testing.assert_array_equal(bank.index, np.ones(30))  # set_adapter: "ia3" for all rows
+    np.testing.assert_array_equal(bank.base.index, np.ones(30))
     served = namespace["served"]
     assert not any(isinstance(x, jpeft.tree.Node) for _, x in jpeft.tree.iter_nodes(served))
 
