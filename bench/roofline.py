@@ -86,42 +86,54 @@ def step_flops(dims: dict[str, int], batch: int, seq: int, rank: int, remat: str
     }
 
 
-def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 7) -> dict:
-    """Best f32 matmul throughput of this machine, in GFLOP/s, for JAX (XLA:CPU) and for
-    torch: ``2·n³`` FLOPs over the fastest of `repeats` timed products per size.
+def matmul_ceiling(
+    framework: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5
+) -> dict:
+    """Best float32 and bfloat16 matmul throughput of `framework` (``"jax"``, XLA:CPU, or
+    ``"torch"``) on this machine, in GFLOP/s: ``2·n³`` FLOPs over the fastest of `repeats`
+    timed ``n × n`` products per size. A size is skipped once a smaller one took over a
+    second per product (bfloat16 can be that slow), so each dtype takes a few seconds.
 
-    The ceiling used for the roofline is the best of all (the machine's, not one
-    framework's)."""
-    import jax
-    import jax.numpy as jnp
+    Returns:
+      ``{"float32": {"gflops": best, "sizes": {n: gflops}}, "bfloat16": {...}}``.
+    """
     import numpy as np
 
-    out: dict[str, Any] = {"jax": {}, "torch": {}}
     rng = np.random.default_rng(0)
-    product = jax.jit(lambda a, b: a @ b)
-    for n in sizes:
-        a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-        b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-        product(a, b).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product(a, b).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        out["jax"][n] = 2 * n**3 / best / 1e9
-    try:
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        jitted = jax.jit(lambda a, b: a @ b)
+
+        def setup(n, dtype):
+            a, b = (jnp.asarray(rng.standard_normal((n, n)), dtype) for _ in range(2))
+            return lambda: jitted(a, b).block_until_ready()
+
+        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    elif framework == "torch":
         import torch
 
+        def setup(n, dtype):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            return lambda: a @ b
+
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    else:
+        raise ValueError(f"framework={framework!r}; expected 'jax' or 'torch'")
+    out: dict[str, Any] = {}
+    for name, dtype in dtypes.items():
+        by_size: dict[int, float] = {}
         for n in sizes:
-            a, b = torch.randn(n, n), torch.randn(n, n)
-            a @ b
+            product = setup(n, dtype)
+            product()  # compiles (JAX), warms the caches
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                a @ b
+                product()
                 best = min(best, time.perf_counter() - start)
-            out["torch"][n] = 2 * n**3 / best / 1e9
-    except ImportError:
-        pass
-    out["gflops"] = max(v for d in (out["jax"], out["torch"]) for v in d.values())
+            by_size[n] = 2 * n**3 / best / 1e9
+            if best > 1.0:
+                break
+        out[name] = {"gflops": max(by_size.values()), "sizes": by_size}
     return out

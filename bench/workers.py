@@ -14,6 +14,7 @@ Memory is reported twice:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import roofline
+from bench import machine, roofline
 
 
 def _rss_mb(field: str = "VmRSS") -> float | None:
@@ -125,7 +126,6 @@ def run_jpeft(spec: dict) -> dict:
         "framework": "jpeft",
         "versions": {"jax": jax.__version__, "jpeft": jpeft.__version__},
         "options": opts,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "loadavg_start": os.getloadavg(),
     }
     if spec["variant"] == "qlora":
@@ -309,9 +309,10 @@ def run_hf(spec: dict) -> dict:
 
 def run_ceiling(spec: dict) -> dict:
     return {
-        "framework": "ceiling",
+        "framework": f"ceiling-{spec['framework']}",
+        "variant": spec["variant"],
         "loadavg_start": os.getloadavg(),
-        **roofline.matmul_ceiling(),
+        **roofline.matmul_ceiling(spec["framework"]),
         "peak_rss_mb": _maxrss_mb(),
     }
 
@@ -378,10 +379,24 @@ WORKERS = {
 }
 
 
+def _framework(kind: str, spec: dict) -> str | None:
+    """Which framework a worker measures (its backend and ISA are recorded), if any."""
+    return {"jpeft": "jax", "hf": "torch", "ceiling": spec.get("framework")}.get(kind)
+
+
 def main(kind: str, spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
+    framework = _framework(kind, spec)
     try:
-        result = WORKERS[kind](spec)
+        # oneDNN names its ISA on first use only: torch's check runs before the measurements.
+        # XLA's dump flags go into XLA_FLAGS before JAX starts; its check runs after them.
+        torch_backend = machine.torch_backend() if framework == "torch" else None
+        with machine.xla_dump_env() if framework == "jax" else contextlib.nullcontext() as dump:
+            result = WORKERS[kind](spec)
+            if framework == "jax":
+                result["jax_backend"] = machine.jax_backend(dump)
+        if torch_backend is not None:
+            result["torch_backend"] = torch_backend
         result["ok"] = True
     except Exception as error:  # reported in the table, not hidden
         import traceback

@@ -645,6 +645,7 @@ def test_help_of_every_command_describes_every_flag(capsys):
         "export-hf",
         "import-hf",
         "inspect",
+        "bench",
     }
     assert cli.main(["--help"]) == 0
     top = capsys.readouterr().out

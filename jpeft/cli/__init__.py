@@ -1,9 +1,11 @@
-"""The ``jpeft`` command line: ``train | generate | merge | export-hf | import-hf | inspect``.
+"""The ``jpeft`` command line: ``train | generate | merge | export-hf | import-hf | inspect |
+bench``.
 
 Each command is a thin layer over the library, one module per group: :mod:`~jpeft.cli.train`
 (:func:`jpeft.trainer.fit` with any registered method), :mod:`~jpeft.cli.generate`
 (:func:`jpeft.generate`), :mod:`~jpeft.cli.convert` (merge, export-hf, import-hf) and
-:mod:`~jpeft.cli.inspect`. Every option of ``jpeft train`` comes from a config dataclass and
+:mod:`~jpeft.cli.inspect`, and :mod:`~jpeft.cli.bench` (the comparison with Hugging Face
+PEFT of ``bench/``). Every option of ``jpeft train`` comes from a config dataclass and
 can also come from a YAML or JSON file (``--config``), with command-line flags taking
 precedence (:mod:`~jpeft.cli.options`).
 
@@ -28,7 +30,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jpeft.cli import convert, generate, inspect, train
+from jpeft.cli import bench, convert, generate, inspect, train
 from jpeft.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 
 __all__ = [
@@ -48,6 +50,7 @@ _COMMANDS = {
     "export-hf": convert.export_hf,
     "import-hf": convert.import_hf,
     "inspect": inspect.run,
+    "bench": bench.run,
 }
 
 
@@ -57,7 +60,8 @@ def build_parser(method: str = train.DEFAULT_METHOD) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft",
         description="Parameter-efficient fine-tuning in JAX: train an adapter, generate "
-        "with it, merge it, convert it to and from Hugging Face PEFT, inspect checkpoints. "
+        "with it, merge it, convert it to and from Hugging Face PEFT, inspect checkpoints, "
+        "benchmark against Hugging Face PEFT. "
         "Run 'jpeft COMMAND --help' for the options of a command.",
         epilog="exit codes: 0 success, 1 training failed (NaN loss), 2 bad input, 130 interrupted",
     )
@@ -71,6 +75,7 @@ def build_parser(method: str = train.DEFAULT_METHOD) -> argparse.ArgumentParser:
     generate.add_parser(commands)
     convert.add_parsers(commands)
     inspect.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 

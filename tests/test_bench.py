@@ -1,0 +1,83 @@
+"""The benchmark's machine records and ``--isa avx2`` (no timing: nothing is measured)."""
+
+from __future__ import annotations
+
+from bench import compare, machine
+from jpeft import cli
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni amx_tile amx_bf16
+
+processor\t: 1
+model name\t: ignored: the first processor's entry counts
+flags\t\t: fpu
+"""
+
+
+def test_cpu_info_parses_model_and_isa_flags():
+    info = machine.cpu_info(CPUINFO)
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert info["flags"] == {
+        "avx2": True,
+        "fma": True,
+        "avx512f": True,
+        "avx512_bf16": False,
+        "avx512_vnni": True,
+        "amx_tile": True,
+        "amx_bf16": True,
+        "amx_int8": False,
+    }
+    assert machine.cpu_info("")["flags"]["avx2"] is False
+    assert machine.machine_tag(info["model"]).startswith("intel-xeon-platinum-8480")
+
+
+def test_isa_avx2_restricts_both_workers():
+    envs = machine.worker_environments("avx2", "--xla_cpu_use_xnnpack=false")
+    assert envs["jax"] == {"XLA_FLAGS": "--xla_cpu_use_xnnpack=false --xla_cpu_max_isa=AVX2"}
+    assert envs["torch"] == {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+    assert machine.worker_environments("avx2", "")["jax"] == {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
+    assert machine.worker_environments("native", "") == {"jax": {}, "torch": {}}
+    assert machine.worker_environments("native", "--a")["jax"] == {"XLA_FLAGS": "--a"}
+    args = compare.build_parser().parse_args(["--isa", "avx2", "--variants", "lora"])
+    assert (args.isa, args.variants) == ("avx2", ["lora"])
+
+
+def test_isa_checks_report_only_what_the_evidence_shows():
+    jax_result = {
+        "jax_backend": {
+            "isa_evidence": {"instructions": 1642, "evex_instructions": 0},
+            "dot_libraries": ["__ynn_fusion"],
+        }
+    }
+    torch_ok = {"torch_backend": {"cpu_capability": "AVX2", "onednn_isa": "Intel AVX2"}}
+    torch_not = {
+        "torch_backend": {
+            "cpu_capability": "AVX512",
+            "onednn_isa": "Intel AVX-512 with Intel DL Boost",
+            "mkl_verbose": "MKL_VERBOSE oneMKL 2024.0 ... Intel(R) Architecture processors",
+        }
+    }
+    found = machine.isa_checks(
+        [("jpeft lora", jax_result), ("hf lora", torch_ok), ("hf long", torch_not), ("x", {})]
+    )
+    assert found == {
+        "XLA kernels verified (0 AVX-512 of 1642 instructions), library dots __ynn_fusion "
+        "not verifiable": ["jpeft lora"],
+        "aten verified, onednn verified, mkl not verifiable": ["hf lora"],
+        "aten NOT in effect, onednn NOT in effect, mkl not verifiable": ["hf long"],
+    }
+    assert machine.xla_avx2_verified({"isa_evidence": {"error": "no objdump"}}) is None
+
+
+def test_jpeft_bench_help_lists_the_options_of_bench_compare(capsys):
+    assert cli.main(["bench", "--help"]) == 0
+    text = capsys.readouterr().out
+    for action in compare.build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in text
