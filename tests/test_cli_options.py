@@ -71,6 +71,7 @@ def test_a_trl_sft_config_file_maps_onto_jpeft_options(tmp_path):
         "weight_decay: 0.01\nmax_grad_norm: 0.5\nlogging_steps: 5\nsave_steps: 20\n"
         "save_total_limit: 3\neval_steps: 10\noutput_dir: runs/sft\nmax_seq_length: 256\n"
         "packing: true\nseed: 42\nbf16: true\ndata: d.jsonl\nmax_steps: 30\n"
+        "optim: adamw_bnb_8bit\n"
     )
     s = _settings("--config", path, "--seed", "7")  # the flag overrides the file
     assert options.build(trainer.TrainConfig, s) == trainer.TrainConfig(
@@ -89,6 +90,7 @@ def test_a_trl_sft_config_file_maps_onto_jpeft_options(tmp_path):
         max_steps=30,
         pack=True,
         seed=7,
+        optim="adamw_8bit",
     )
     output = options.build(OutputOptions, s)
     assert output.out == "runs/sft" and output.dtype == "bfloat16"
@@ -104,14 +106,31 @@ def test_trl_constant_schedule_has_no_warmup_and_others_are_named(tmp_path):
     assert "lr_scheduler_type 'polynomial' is not implemented" in _error("m", "--config", path)
 
 
+def test_trl_optimizer_names_map_to_adamw_or_its_8bit_form_and_others_are_named(tmp_path):
+    path = tmp_path / "c.json"
+    for name, ours in [
+        ("adamw_torch", "adamw"),
+        ("adamw_torch_fused", "adamw"),
+        ("adamw_bnb_8bit", "adamw_8bit"),
+        ("adamw_8bit", "adamw_8bit"),
+    ]:
+        path.write_text(json.dumps({"optim": name, "data": "d", "out": "o"}))
+        assert _settings("m", "--config", path)["optim"] == ours, name
+    path.write_text(json.dumps({"optim": "adafactor"}))
+    assert "optim 'adafactor' is not implemented; jpeft has adamw_torch" in _error(
+        "m", "--config", path
+    )
+    assert _settings("m", "--data", "d", "--out", "o", "--optim", "adamw_8bit")["optim"] == (
+        "adamw_8bit"
+    )
+
+
 def test_unimplemented_trl_keys_and_unknown_keys_are_named(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(
-        json.dumps({"gradient_checkpointing": True, "optim": "adamw_torch", "lr_typo": 1})
-    )
+    path.write_text(json.dumps({"gradient_checkpointing": True, "tf32": True, "lr_typo": 1}))
     text = _error("m", "--data", "d", "--out", "o", "--config", path)
     assert "unknown keys: lr_typo" in text
-    assert "TRL SFTConfig keys jpeft does not implement: gradient_checkpointing, optim" in text
+    assert "TRL SFTConfig keys jpeft does not implement: gradient_checkpointing, tf32" in text
 
 
 @pytest.mark.parametrize(

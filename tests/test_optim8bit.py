@@ -12,7 +12,7 @@ import optax
 import pytest
 import torch
 
-from jpeft import optim8bit, train_state
+from jpeft import optim8bit, train_state, trainer
 
 LUT_SIZE = 65536
 
@@ -183,3 +183,15 @@ def test_bad_hyperparameters_and_missing_params_are_named():
     x = {"w": jnp.ones(3)}
     with pytest.raises(ValueError, match="needs the params"):
         tx.update(x, tx.init(x))
+
+
+def test_train_config_builds_the_8bit_optimizer_with_its_schedule_and_decay():
+    trainable = {"w": jnp.ones((64, 64))}
+    config = trainer.TrainConfig(optim="adamw_8bit", learning_rate=1e-2, warmup_steps=0)
+    tx = config.optimizer(total_steps=10)
+    state = tx.init(trainable)
+    assert isinstance(state.mu["w"], optim8bit.Quantized8bit)
+    updates, _ = tx.update(trainable, state, trainable)
+    np.testing.assert_allclose(updates["w"], -1e-2, rtol=1e-5)  # cosine at step 0: the peak
+    with pytest.raises(ValueError, match="optim must be one of"):
+        trainer.TrainConfig(optim="sgd")

@@ -47,6 +47,14 @@ TRL_ALIASES = {
 }
 # TRL's learning-rate schedules jpeft has: TRL's "constant" has no warm-up at all.
 TRL_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant_with_warmup": "constant"}
+# TRL's (transformers') optimizer names jpeft has, and its own.
+TRL_OPTIMIZERS = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "adamw_8bit": "adamw_8bit",
+    "adamw": "adamw",
+}
 # SFTConfig / TrainingArguments keys jpeft does not implement: named as such when they occur.
 TRL_UNSUPPORTED = frozenset(
     "adam_beta1 adam_beta2 adam_epsilon assistant_only_loss auto_find_batch_size "
@@ -54,7 +62,7 @@ TRL_UNSUPPORTED = frozenset(
     "dataset_text_field deepspeed do_eval do_train eos_token eval_accumulation_steps "
     "eval_strategy evaluation_strategy fp16 fsdp gradient_checkpointing group_by_length "
     "hub_model_id label_smoothing_factor logging_dir logging_strategy lr_scheduler_kwargs "
-    "max_grad_norm_type model_init_kwargs neftune_noise_alpha optim overwrite_output_dir "
+    "max_grad_norm_type model_init_kwargs neftune_noise_alpha overwrite_output_dir "
     "pad_token padding_free per_device_eval_batch_size push_to_hub report_to "
     "resume_from_checkpoint run_name save_strategy tf32 torch_compile use_liger_kernel "
     "warmup_ratio".split()
@@ -190,7 +198,7 @@ def read_config_file(path: Path, options: Sequence[Option], extra: Sequence[str]
     """The settings in a YAML or JSON file, checked and converted like command-line values.
 
     Keys are option names (dashes or underscores), field names, TRL ``SFTConfig`` names
-    (:data:`TRL_ALIASES`, ``max_length``, ``bf16``, ``lr_scheduler_type``) or one of
+    (:data:`TRL_ALIASES`, ``max_length``, ``bf16``, ``lr_scheduler_type``, ``optim``) or one of
     `extra` (taken as they are, e.g. ``model``). Returns settings keyed by option ``dest``.
 
     Raises:
@@ -208,7 +216,7 @@ def read_config_file(path: Path, options: Sequence[Option], extra: Sequence[str]
         name = TRL_ALIASES.get(name, name) if name not in by_name else name
         if name in extra:
             values[name] = value
-        elif name in ("bf16", "lr_scheduler_type"):
+        elif name in ("bf16", "lr_scheduler_type", "optim"):
             values.update(_trl_setting(name, value, path))
         elif name in by_name:
             option = by_name[name]
@@ -258,8 +266,14 @@ def config_value(option: Option, value: Any, path: Path) -> Any:
 
 
 def _trl_setting(name: str, value: Any, path: Path) -> dict[str, Any]:
-    """jpeft settings for TRL's ``bf16`` and ``lr_scheduler_type``."""
+    """jpeft settings for TRL's ``bf16``, ``lr_scheduler_type`` and ``optim``."""
     where = f"config file {path}: {name}"
+    if name == "optim":
+        if value not in TRL_OPTIMIZERS:
+            raise UsageError(
+                f"{where} {value!r} is not implemented; jpeft has {', '.join(TRL_OPTIMIZERS)}"
+            )
+        return {"optim": TRL_OPTIMIZERS[value]}
     if name == "bf16":
         if not isinstance(value, bool):
             raise UsageError(f"{where} must be true or false, got {value!r}")
