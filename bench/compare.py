@@ -181,7 +181,7 @@ def render(report: dict) -> str:
         f"loss chunk {opts['chunk']}, QLoRA compute `{opts['qlora_compute']}`, XLA_FLAGS "
         f"`{report['xla_flags'] or '(none)'}`. Steps: {report['warmup']} warm-up + "
         f"{report['steps']} timed (median), best of {report['repeats']} run(s) per framework.",
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command']}` at commit `{report.get('commit', 'unknown')}`.",
     ]
     return "\n".join(lines)
 
@@ -422,6 +422,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         "isa_checks": machine.isa_checks(named) if args.isa != "native" else {},
         "cores": os.cpu_count(),
         "hostname": platform.node(),
+        "commit": machine.git_commit(),
         "loadavg_start": loadavg_start,
         "loadavg_end": os.getloadavg(),
         "ceiling_gflops": ceiling,

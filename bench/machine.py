@@ -69,6 +69,25 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
     }
 
 
+def git_commit() -> str:
+    """The checkout's short commit, with ``-dirty`` when tracked files differ from it, or
+    ``unknown`` outside a git checkout (an installed wheel): every report names what it ran."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True
+        )
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except OSError:  # no git program
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def machine_tag(model: str) -> str:
     """A file-name slug for the machine: CPU model and core count."""
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower().replace("(r)", ""))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -113,23 +114,8 @@ def run_one(name: str, out: Path) -> None:
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _isa() -> str:
-    flags = next(
-        (
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ),
-        "",
-    ).split()
-    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+def _isa(flags: dict[str, bool]) -> str:
+    return "AVX-512" if flags["avx512f"] else ("AVX2" if flags["avx2"] else "no AVX2")
 
 
 def main() -> None:
@@ -141,9 +127,7 @@ def main() -> None:
     if args.one:
         run_one(args.one, args.out)
         return
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = machine.git_commit()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.methods.split(","):
@@ -156,9 +140,15 @@ def main() -> None:
             results.append(json.loads((out / "result.json").read_text()))
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    cpu = _cpu()
-    stem = args.out / f"{stamp}_{'amd-epyc' if 'EPYC' in cpu else 'cpu'}-2c_methods"
-    header = {"commit": commit, "cpu": cpu, "isa": _isa(), "command": "python -m bench.methods"}
+    cpu_info = machine.cpu_info()
+    cpu = cpu_info["model"]
+    stem = args.out / f"{stamp}_{machine.machine_tag(cpu)}_methods"
+    header = {
+        "commit": commit,
+        "cpu": cpu,
+        "isa": _isa(cpu_info["flags"]),
+        "command": "python -m bench.methods",
+    }
     stem.with_suffix(".json").write_text(json.dumps({**header, "results": results}, indent=2))
     table = _table(results, header)
     stem.with_suffix(".md").write_text(table)

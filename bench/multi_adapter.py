@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         result = WORKERS[kind](json.loads(Path(spec_path).read_text()))
         Path(result_path).write_text(json.dumps({**result, "ok": True}))
         return 0
-    import subprocess
 
     counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="jpeft-multi-adapter-"))
@@ -247,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{kind} failed: {report[kind].get('error')}")
     mask = np.load(spec["prompts_file"])["attention_mask"]
     spec["prompt_tokens"], spec["width"] = int(mask.sum()), int(mask.shape[1])
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = machine.git_commit()
     report.update(
         spec=spec, cpu=machine.cpu_info()["model"], cores=os.cpu_count(), commit=commit,
         date=dt.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),

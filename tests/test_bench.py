@@ -81,3 +81,27 @@ def test_jpeft_bench_help_lists_the_options_of_bench_compare(capsys):
     for action in compare.build_parser()._actions:
         for flag in action.option_strings:
             assert flag in text
+
+
+def test_reports_name_the_commit_and_whether_the_tree_was_dirty(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    shutil.copytree(machine.Path(machine.__file__).parent, tmp_path / "bench")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout.strip()
+    monkeypatch.setattr(machine, "__file__", str(tmp_path / "bench" / "machine.py"))
+    assert machine.git_commit() == head
+    (tmp_path / "bench" / "machine.py").write_text("# changed\n")
+    assert machine.git_commit() == f"{head}-dirty"
+    plain = tmp_path.parent / f"{tmp_path.name}-plain"  # an installed copy: no git around it
+    plain.mkdir()
+    monkeypatch.setattr(machine, "__file__", str(plain / "machine.py"))
+    assert machine.git_commit() == "unknown"
