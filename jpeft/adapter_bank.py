@@ -116,16 +116,27 @@ class TokenBank(tree.Node):
 def _pick(slots: Any, off: Any, present: jax.Array, index: jax.Array) -> Any:
     """The slot arrays of `index` (``[]`` or ``[b]``) from ``[g, ...]`` slots; `off`'s
     where the index is negative or its slot is not `present` (so that no gradient reaches
-    the slot of an adapter that leaves the module alone)."""
+    the slot of an adapter that leaves the module alone). Only the node's
+    ``switch_fields`` are replaced where a method declares them (LoRA's ``scale``): the
+    other arrays are gathered as they are, with no select over their whole size."""
     safe = jnp.clip(index, 0, present.shape[0] - 1)
     use = (index >= 0) & present[safe]
 
-    def one(slot: jax.Array, identity: jax.Array) -> jax.Array:
-        chosen = jnp.take(slot, safe, axis=0)
+    def take(slot: jax.Array) -> jax.Array:  # in bounds: no fill-value select over the copy
+        return jnp.take(slot, safe, axis=0, mode="clip")
+
+    def masked(slot: jax.Array, identity: jax.Array) -> jax.Array:
+        chosen = take(slot)
         keep = use.reshape(use.shape + (1,) * identity.ndim)
         return jnp.where(keep, chosen, identity.astype(chosen.dtype))
 
-    return jax.tree.map(one, slots, off)
+    switch = slots.switch_fields
+    if switch is None:
+        return jax.tree.map(masked, slots, off)
+    chosen = jax.tree.map(take, slots)
+    return dataclasses.replace(
+        chosen, **{f: jax.tree.map(masked, getattr(slots, f), getattr(off, f)) for f in switch}
+    )
 
 
 def _chosen(bank: Bank) -> Any:
@@ -227,7 +238,7 @@ def _value(bank: Bank) -> jax.Array:
 def _tokens(bank: TokenBank) -> Masked:
     size = bank.size
     safe = jnp.clip(bank.index, 0, size - 1)
-    chosen = jax.tree.map(lambda s: jnp.take(s, safe, axis=0), bank.slots)
+    chosen = jax.tree.map(lambda s: jnp.take(s, safe, axis=0, mode="clip"), bank.slots)
     value = jax.vmap(nn.value)(chosen) if bank.rows else nn.value(chosen)
     count = jnp.where(bank.index >= 0, bank.lengths[safe], 0)
     width = jax.tree.leaves(bank.slots)[0].shape[1]  # the padded virtual-token axis

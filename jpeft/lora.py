@@ -197,6 +197,7 @@ class LoraWeight(tree.Node):
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
     base_field: ClassVar[str] = "w"
     rng_field: ClassVar[str] = "dropout_key"
+    switch_fields: ClassVar[tuple[str, ...]] = ("scale",)  # DoRA too: scale 0 keeps W
 
     @property
     def rank(self) -> int:

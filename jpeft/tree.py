@@ -75,6 +75,11 @@ class Node:
     rng_field: ClassVar[str | None] = None
     standalone: ClassVar[bool] = False
     frozen_fields: ClassVar[tuple[str, ...]] = ()
+    switch_fields: ClassVar[tuple[str, ...] | None] = None
+    """Fields whose :meth:`identity` values alone make the node compute exactly as its base
+    and send no gradient to its other fields, whatever those hold (LoRA: ``scale``, 0), or
+    None (all fields). A bank (:mod:`jpeft.adapter_bank`) turns a slot off through these
+    fields only, instead of replacing every array of the slot."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

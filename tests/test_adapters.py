@@ -20,7 +20,17 @@ import torch
 import transformers
 
 import jpeft
-from jpeft import adapters, bottleneck, dora, ia3, lora, prefix_tuning, prompt_tuning, tree
+from jpeft import (
+    adapter_bank,
+    adapters,
+    bottleneck,
+    dora,
+    ia3,
+    lora,
+    prefix_tuning,
+    prompt_tuning,
+    tree,
+)
 from jpeft.generation import generate_tokens
 
 TOLERANCE = 1e-5  # float32, a row of a mixed batch against the same row alone (seen ~3e-6)
@@ -203,9 +213,9 @@ def test_extract_gives_each_adapter_back_unpadded(tiny, every_method):
 
 def test_each_adapter_gets_the_gradient_of_its_own_rows(tiny, every_method):
     _, model, base = tiny
-    made = {k: every_method[k] for k in ("lora-r4", "ia3", "prompt", "bottleneck")}
+    made = {k: every_method[k] for k in ("lora-r4", "lora-r8", "ia3", "prompt", "bottleneck")}
     multi = adapters.stack(base, made)
-    rows = ["lora-r4", "ia3", "prompt", "bottleneck", "ia3", None]
+    rows = ["lora-r4", "ia3", "prompt", "bottleneck", "lora-r8", None]
     ids, _ = _data(len(rows), seed=4)
     # Right padding, as jpeft.data pads: with left padding the last pad position predicts
     # the first real token from a fully masked query, whose (meaningless) output depends
@@ -231,6 +241,20 @@ def test_each_adapter_gets_the_gradient_of_its_own_rows(tiny, every_method):
         pairs = zip(jax.tree.leaves(got_t), jax.tree.leaves(want), strict=True)
         for got, expected in pairs:
             np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4, err_msg=name)
+    # A slot whose adapter leaves a module alone (lora-r4 at o_proj, lora-r8 at v_proj)
+    # gets no gradient, though LoRA turns it off through its scale alone.
+    absent = 0
+    for bank, grads in zip(_banks(multi.params), _banks(mixed), strict=True):
+        off = ~np.asarray(bank.present)  # [l, g]
+        for leaf in jax.tree.leaves(grads.slots):
+            absent += off.sum()
+            assert not np.asarray(leaf)[off].any()
+    assert absent > 0
+
+
+def _banks(params):
+    is_bank = lambda w: isinstance(w, adapter_bank.Bank)  # noqa: E731
+    return [w for w in jax.tree.leaves(params, is_leaf=is_bank) if is_bank(w)]
 
 
 def _as_params(multi, trainable_grads):
