@@ -16,8 +16,9 @@ row is served by adapter ``row % k``, for ``k`` in 1, 2, 4 and 8 distinct adapte
 Greedy decoding with ``--new-tokens`` forced new tokens (no end-of-sequence stop, peft with
 ``min_new_tokens``). Prefill time is that of generating one token; decode tokens/s is
 ``8 x new_tokens`` over the time generating ``1 + new_tokens`` tokens takes beyond that.
-Each figure is the best of ``--repeats`` timed calls after one untimed call (jpeft's
-compilation is in the untimed call; its cache size after all ``k`` is recorded). The two
+Each figure is the best of ``--repeats`` rounds that time every variant once, in turn,
+after one untimed call of each (jpeft's compilation is in the untimed calls; its cache size
+after all ``k`` is recorded). The two
 frameworks run in processes of their own, one after the other, and the number of rows whose
 greedy tokens agree between them is recorded (float32 on both sides; near ties may differ).
 
@@ -50,28 +51,33 @@ def _prompts(count: int) -> list:
     return [row["messages"][:1] for row in rows[:count]]
 
 
-def _timed(call, repeats: int) -> tuple[float, np.ndarray]:
-    tokens = np.asarray(call())  # untimed: compilation (jpeft), warm-up (both)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tokens = np.asarray(call())  # waits for the result (jax dispatches asynchronously)
-        times.append(time.perf_counter() - started)
-    return min(times), tokens
-
-
-def _measure(generate, spec: dict) -> dict:
-    """Prefill and decode figures of ``generate(new_tokens) -> [b, new_tokens]``."""
-    new, repeats = spec["new_tokens"], spec["repeats"]
-    prefill_s, _ = _timed(lambda: generate(1), repeats)
-    total_s, tokens = _timed(lambda: generate(1 + new), repeats)
-    batch = tokens.shape[0]
-    return {
-        "prefill_s": prefill_s,
-        "decode_tokens_per_s": batch * new / (total_s - prefill_s),
-        "total_s": total_s,
-        "tokens": tokens.tolist(),
-    }
+def _measure(variants: dict, spec: dict) -> dict:
+    """Prefill and decode figures of each ``generate(new_tokens) -> [b, new_tokens]`` of
+    `variants` (name -> generate), timed in interleaved rounds (every variant once per
+    round, best of the rounds): a shared VM's speed drifts by 10-20% within minutes, which
+    would otherwise land on whichever variant ran during a slow spell."""
+    new = spec["new_tokens"]
+    times = {name: {1: [], 1 + new: []} for name in variants}
+    tokens = {}
+    for generate in variants.values():  # untimed: compilation (jpeft), warm-up (both)
+        np.asarray(generate(1)), np.asarray(generate(1 + new))
+    for _ in range(spec["repeats"]):
+        for name, generate in variants.items():
+            for length in (1, 1 + new):
+                started = time.perf_counter()
+                out = np.asarray(generate(length))  # waits (jax dispatches asynchronously)
+                times[name][length].append(time.perf_counter() - started)
+            tokens[name] = out
+    results = {}
+    for name in variants:
+        prefill_s, total_s = min(times[name][1]), min(times[name][1 + new])
+        results[name] = {
+            "prefill_s": prefill_s,
+            "decode_tokens_per_s": tokens[name].shape[0] * new / (total_s - prefill_s),
+            "total_s": total_s,
+            "tokens": tokens[name].tolist(),
+        }
+    return results
 
 
 def run_jpeft(spec: dict) -> dict:
@@ -115,12 +121,14 @@ def run_jpeft(spec: dict) -> dict:
         "framework": "jpeft",
         "versions": {"jax": jax.__version__, "jpeft": jpeft.__version__},
     }
-    result["single"] = _measure(tokens(made["a0"]), spec)
-    compiled = _decode._cache_size()
+    variants = {"single": tokens(made["a0"])}
     for k in spec["counts"]:
         rows = adapters.adapter_ids(multi, [f"a{r % k}" for r in range(spec["batch"])])
-        result[f"mixed_{k}"] = _measure(tokens(multi.params, rows), spec)
-    result["mixed_programs"] = _decode._cache_size() - compiled  # one per length, for all k
+        variants[f"mixed_{k}"] = tokens(multi.params, rows)
+    compiled = _decode._cache_size()
+    result.update(_measure(variants, spec))
+    # the single adapter's two lengths, then one program per length for every k
+    result["mixed_programs"] = _decode._cache_size() - compiled - 2
     return result
 
 
@@ -160,9 +168,10 @@ def run_peft(spec: dict) -> dict:
         "threads": torch.get_num_threads(),
     }  # fmt: skip
     model.set_adapter("a0")
-    result["single"] = _measure(tokens(), spec)
+    variants = {"single": tokens()}
     for k in spec["counts"]:
-        result[f"mixed_{k}"] = _measure(tokens([f"a{r % k}" for r in range(spec["batch"])]), spec)
+        variants[f"mixed_{k}"] = tokens([f"a{r % k}" for r in range(spec["batch"])])
+    result.update(_measure(variants, spec))
     return result
 
 
@@ -179,8 +188,9 @@ def render(report: dict) -> str:
         f"float32, LoRA r={report['spec']['rank']} on all linears, batch of "
         f"{report['spec']['batch']} prompts ({report['spec']['prompt_tokens']} prompt tokens, "
         f"padded to {report['spec']['width']}), {report['spec']['new_tokens']} forced new "
-        f"tokens, best of {report['spec']['repeats']}. jpeft's mixed batches of every size "
-        f"ran {jp['mixed_programs']} compiled programs (one per generation length).",
+        f"tokens, best of {report['spec']['repeats']} interleaved rounds. jpeft's mixed "
+        f"batches of every size ran {jp['mixed_programs']} compiled programs (one per "
+        "generation length).",
         "",
         "| adapters in the batch | jpeft prefill tok/s | jpeft decode tok/s | vs jpeft one "
         "adapter | peft prefill tok/s | peft decode tok/s | jpeft / peft decode | same greedy "
@@ -219,7 +229,7 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--counts", default="1,2,4,8", help="distinct adapters per batch")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
