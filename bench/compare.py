@@ -178,7 +178,7 @@ def render(report: dict) -> str:
     lines += [
         "",
         f"jpeft options: frozen base and compute `{opts['dtype']}`, remat `{opts['remat']}`, "
-        f"loss chunk {opts['chunk']}, QLoRA compute `{opts['qlora_compute']}`, XLA_FLAGS "
+        f"loss chunk {opts['chunk']} tokens, QLoRA compute `{opts['qlora_compute']}`, XLA_FLAGS "
         f"`{report['xla_flags'] or '(none)'}`. Steps: {report['warmup']} warm-up + "
         f"{report['steps']} timed (median), best of {report['repeats']} run(s) per framework.",
         f"Command: `{report['command']}` at commit `{report.get('commit', 'unknown')}`.",
@@ -243,7 +243,10 @@ def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
         help="remat policy name, 'none', or 'default' (the model's own; default: default)",
     )
     p.add_argument(
-        "--jpeft-chunk", type=int, default=None, help="loss chunk size (default: causal_lm_loss's)"
+        "--jpeft-chunk",
+        type=int,
+        default=None,
+        help="tokens per loss chunk (default: causal_lm_loss's)",
     )
     p.add_argument(
         "--qlora-compute",
@@ -290,7 +293,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     from jpeft.models import decoder  # light: for the defaults actually in the library
 
     chunk = (
-        args.jpeft_chunk or inspect.signature(train.causal_lm_loss).parameters["chunk_size"].default
+        args.jpeft_chunk
+        or inspect.signature(train.causal_lm_loss).parameters["chunk_tokens"].default
     )
     remat = args.jpeft_remat
     if remat == "default":

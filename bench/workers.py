@@ -166,7 +166,7 @@ def run_jpeft(spec: dict) -> dict:
     result["trainable_params"], result["all_params"] = counts
     optimizer = optax.adamw(spec["lr"], weight_decay=spec["weight_decay"], eps=1e-8)
     opt_state = optimizer.init(trainable)
-    loss_fn = functools.partial(train.causal_lm_loss, chunk_size=opts["chunk"])
+    loss_fn = functools.partial(train.causal_lm_loss, chunk_tokens=opts["chunk"])
     # `params` is gone, so nothing else holds the trainable buffers: donate them, as
     # `jpeft train` (trainer.fit) does
     step = train.make_train_step(

@@ -38,7 +38,7 @@ def causal_lm_loss(
     params: dict,
     batch: dict[str, jax.Array],
     *,
-    chunk_size: int = 32,
+    chunk_tokens: int = 128,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and the number of tokens it covers.
 
@@ -52,10 +52,13 @@ def causal_lm_loss(
         optional ``segment_ids [b, t]`` for packed examples (see :mod:`jpeft.data`) and
         optional ``adapter_ids [b]``, each row's adapter of those stacked in `params`
         (:mod:`jpeft.adapters`; each adapter's gradient then comes from its own rows only).
-      chunk_size: sequence positions per logits chunk (bounds the ``[b, chunk, v]`` float32
-        buffer). 32 rows per batch row keep the head's matmul efficient while its logits and
-        their gradient stay small: on SmolLM2 at 4 x 256 tokens, 128 held 144 MiB more XLA
-        temporaries at the same speed (bench/README.md).
+      chunk_tokens: tokens per logits chunk, over the whole batch: each chunk holds
+        ``max(1, chunk_tokens // b)`` sequence positions of every row, which bounds its
+        ``[b, positions, v]`` float32 logits and keeps the head's matmul as tall whatever
+        the batch's shape. 128 holds SmolLM2's chunk logits to 24 MiB; at 4 x 256 tokens,
+        4 x 128 held 144 MiB more XLA temporaries at the same speed, and at 1 x 2048 chunks
+        of 32 made the head's matmuls so short that the step was 5-9% slower
+        (bench/README.md).
 
     Returns:
       ``(loss_sum, token_count)``, both float32 scalars.
@@ -72,7 +75,7 @@ def causal_lm_loss(
     )
     hidden, targets = hidden[:, :-1], labels[:, 1:]
     steps = hidden.shape[1]
-    chunk = min(chunk_size, steps)
+    chunk = max(1, min(chunk_tokens // hidden.shape[0], steps))
     pad = -steps % chunk
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)

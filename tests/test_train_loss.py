@@ -42,18 +42,20 @@ def _assert_trees_close(got, want):
 
 
 @pytest.mark.parametrize(
-    "kind, chunk_size",
-    # 18 labelled positions: several chunks with a remainder (4) for every kind, and one
-    # chunk holding them all (32) for the tied head with biases.
-    [("llama", 4), ("llama-tied-bias", 4), ("gpt2", 4), ("llama-tied-bias", 32)],
-)
-def test_loss_and_gradients_equal_the_plain_formulation(tmp_path, kind, chunk_size):
+    "kind, chunk_tokens",
+    # 3 rows of 18 labelled positions: chunks of 4 positions (12 tokens) with a remainder
+    # for every kind, one chunk holding them all (32 positions) for the tied head with
+    # biases, and chunk_tokens under the batch size (1 position per chunk).
+    [("llama", 12), ("llama-tied-bias", 12), ("gpt2", 12), ("llama-tied-bias", 96),
+     ("llama", 2)],
+)  # fmt: skip
+def test_loss_and_gradients_equal_the_plain_formulation(tmp_path, kind, chunk_tokens):
     hf_models.make(kind, tmp_path)
     model, params = jpeft.models.from_pretrained(tmp_path)
     batch = _batch()
 
     def chunked(p):
-        return train.causal_lm_loss(model, p, batch, chunk_size=chunk_size)[0]
+        return train.causal_lm_loss(model, p, batch, chunk_tokens=chunk_tokens)[0]
 
     np.testing.assert_allclose(chunked(params), _plain_loss(model, params, batch), LOSS_RTOL)
     # Every weight differentiated, the head's included (the fused backward's recompute).
@@ -92,7 +94,7 @@ def test_a_trained_head_node_gets_its_gradient(tmp_path):
     trainable, frozen = jpeft.split(adapted)
     batch = _batch()
     got = jax.grad(
-        lambda t: train.causal_lm_loss(model, jpeft.combine(t, frozen), batch, chunk_size=8)[0]
+        lambda t: train.causal_lm_loss(model, jpeft.combine(t, frozen), batch, chunk_tokens=24)[0]
     )(trainable)
     want = jax.grad(lambda t: _plain_loss(model, jpeft.combine(t, frozen), batch))(trainable)
     _assert_trees_close(got, want)
