@@ -51,6 +51,8 @@ class Bank(tree.Node):
         whose adapter leaves this module alone. Never trained.
       present: ``bool [*lead, g]``, the slots whose adapter has a node here.
       index: ``int32 [*lead]``, or ``[*lead, b]`` per example; -1: no adapter.
+      keys: PRNG keys shaped like `index`, set only inside a training step when the
+        method takes them (LoRA's dropout): each example's adapter draws from its own.
       lead: how many leading axes (stacked layers) come before the slot axis.
       rows: whether `index` has an entry per example.
     """
@@ -60,12 +62,17 @@ class Bank(tree.Node):
     off: Any
     present: jax.Array
     index: jax.Array
+    keys: jax.Array | None = None
     lead: int = tree.static(0)
     rows: bool = tree.static(False)
 
     kind: ClassVar[str | None] = None  # not an adapter of its own: see extract()
     base_field: ClassVar[str] = "base"
+    rng_field: ClassVar[str] = "keys"
     frozen_fields: ClassVar[tuple[str, ...]] = ("off",)
+
+    def rng_shape(self) -> tuple[int, ...] | None:
+        return tuple(self.index.shape) if self.slots.rng_shape() is not None else None
 
     def adapted_shape(self) -> tuple[int, ...]:
         return tuple(nn.shape(self.base))
@@ -144,7 +151,10 @@ def _chosen(bank: Bank) -> Any:
     pick = _pick
     for _ in range(bank.lead_now):  # outside the layer scan: one choice per layer
         pick = jax.vmap(pick)
-    return pick(bank.slots, bank.off, bank.present, bank.index)
+    node = pick(bank.slots, bank.off, bank.present, bank.index)
+    if bank.keys is not None:
+        node = dataclasses.replace(node, **{node.rng_field: bank.keys})
+    return node
 
 
 def _per_row_chain(w: Any) -> Any:
@@ -265,9 +275,25 @@ def route(params: Any, adapter_ids: Any) -> Any:
         _check_range(adapter_ids, w.size)
         lead = jax.tree.leaves(w.slots)[0].shape[: w.lead_now]
         index = jnp.broadcast_to(ids, (*lead, *ids.shape))
-        return dataclasses.replace(w, base=reroute(w.base), index=index, rows=ids.ndim == 1)
+        keys = w.keys
+        if keys is not None:  # one per layer again (a bank routed before), then per row
+            keys = _keys_for(keys if keys.shape == lead else keys[..., 0], ids)
+        return dataclasses.replace(
+            w, base=reroute(w.base), index=index, keys=keys, rows=ids.ndim == 1
+        )
 
     return jax.tree.map(reroute, params, is_leaf=lambda x: isinstance(x, tree.Node))
+
+
+def _keys_for(keys: jax.Array, ids: jax.Array) -> jax.Array:
+    """The keys of a bank given before its rows were chosen (:func:`jpeft.tree.with_rng`
+    runs before the loss routes the batch), one per layer: per example now, each row's
+    folded from its layer's key, so that rows draw independent dropout masks."""
+    if ids.ndim == 0:
+        return keys
+    rows = jnp.arange(ids.shape[0])
+    per_row = jax.vmap(lambda key: jax.vmap(lambda r: jax.random.fold_in(key, r))(rows))
+    return per_row(keys.reshape(-1)).reshape(*keys.shape, ids.shape[0])
 
 
 def _check_range(adapter_ids: Any, size: int) -> None:

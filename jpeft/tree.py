@@ -399,7 +399,14 @@ def with_rng(params: Any, key: jax.Array) -> Any:
     it inside the training step; trees without it run without randomness (inference)."""
 
     def fill(path: str, value: Any) -> Any:
-        shape = value.rng_shape() if isinstance(value, Node) else None
+        if not isinstance(value, Node):
+            return value
+        inner = getattr(value, value.base_field) if value.base_field else None
+        if isinstance(inner, Node):  # e.g. a bank of IA3 vectors over a bank of LoRA factors
+            value = dataclasses.replace(
+                value, **{value.base_field: fill(f"{path}/{value.base_field}", inner)}
+            )
+        shape = value.rng_shape()
         if shape is None:
             return value
         node_key = jax.random.fold_in(key, zlib.crc32(path.encode()))

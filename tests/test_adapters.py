@@ -386,3 +386,31 @@ def test_a_whole_batch_choice_merges_and_a_per_row_one_refuses(tiny, every_metho
     per_row = adapters.route(multi.params, jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="no single dense weight"):
         tree.materialize(per_row)
+
+
+def test_lora_dropout_runs_inside_a_bank_in_training_only(tiny):
+    _, model, base = tiny
+    made = {
+        "drop": _lora(base, jax.random.key(3), 4, ["q_proj", "v_proj"], lora_dropout=0.5),
+        "other": _lora(base, jax.random.key(4), 4, ["q_proj", "v_proj"], lora_dropout=0.5),
+    }
+    multi = adapters.stack(base, made)
+    ids, mask = _data(3, seed=6)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    batch["adapter_ids"] = adapters.adapter_ids(multi, ["drop", "other", None])
+
+    def row_losses(params):
+        routed = adapter_bank.route(params, batch["adapter_ids"])
+        logits = model(routed, ids, attention_mask=mask)
+        return np.asarray(jnp.abs(logits).sum(axis=(1, 2)))
+
+    plain = row_losses(multi.params)
+    trained = [row_losses(tree.with_rng(multi.params, jax.random.key(k))) for k in (0, 1)]
+    banks = _banks(tree.with_rng(multi.params, jax.random.key(0)))
+    assert banks and all(bank.keys is not None for bank in banks)
+    for dropped in trained:  # the adapters' rows see dropout; the row without one does not
+        assert not np.allclose(dropped[:2], plain[:2], rtol=1e-4)
+        np.testing.assert_allclose(dropped[2], plain[2], rtol=1e-6)
+    assert not np.allclose(trained[0][:2], trained[1][:2], rtol=1e-4)  # fresh masks per key
+    alone = np.asarray(jnp.abs(model(made["drop"], ids[:1], attention_mask=mask[:1])).sum())
+    np.testing.assert_allclose(plain[0], alone, rtol=1e-5)  # inference: no dropout
