@@ -440,21 +440,25 @@ def _softmax_attention_fwd(qg, kt, vt, mask, scale):
     total = jnp.sum(weights, axis=-1, keepdims=True)
     probs = (weights / total).astype(vt.dtype)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, vt)
-    return out, (qg, kt, vt, mask, scale, out, top + jnp.log(total))
+    return out, (qg, kt, vt, mask, scale, out, top, total)
 
 
 def _softmax_attention_bwd(residuals, d_out):
     """The softmax's gradient as flash attention writes it: ``dS = P ∘ (dP − D)`` with
-    ``D = rowsum(dO ∘ O)``, from the log-sum-exp saved by the forward pass. Left to autodiff,
-    ``D`` is ``rowsum(dP ∘ P)``, a reduction over the key axis that XLA:CPU fuses into the
-    ``dP`` matmul's library call, where it ran at 10 GFLOP/s (bench/README.md)."""
-    qg, kt, vt, mask, scale, out, lse = residuals
+    ``D = rowsum(dO ∘ O)``, from the row maxima and sums saved by the forward pass. Left
+    to autodiff, ``D`` is ``rowsum(dP ∘ P)``, a reduction over the key axis that XLA:CPU
+    fuses into the ``dP`` matmul's library call, where it ran at 10 GFLOP/s
+    (bench/README.md)."""
+    qg, kt, vt, mask, scale, out, top, total = residuals
     logits, _ = _probabilities(qg, kt, mask, scale)
-    probs = jnp.exp(logits - lse)
+    # not exp(logits - log-sum-exp): a query that sees no key has top = -0.7·max, which
+    # absorbs log(total) in float32, and its probabilities must stay 1 / s, not 1
+    probs = jnp.exp(logits - top) / total
     d_vt = jnp.einsum("bkqs,bkqh->bksh", probs.astype(d_out.dtype), d_out)
     d_probs = jnp.einsum("bkqh,bksh->bkqs", d_out, vt, preferred_element_type=jnp.float32)
     rows = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_logits = (probs * (d_probs - rows) * scale).astype(qg.dtype)
+    # masked logits are constants (a query that sees no key has probabilities 1 / s there)
+    d_logits = jnp.where(mask, probs * (d_probs - rows) * scale, 0.0).astype(qg.dtype)
     d_qg = jnp.einsum("bkqs,bksh->bkqh", d_logits, kt)
     d_kt = jnp.einsum("bkqs,bkqh->bksh", d_logits, qg)
     d_mask = np.zeros(mask.shape, jax.dtypes.float0)
