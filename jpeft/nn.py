@@ -420,11 +420,10 @@ def _grouped_attention(
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _probabilities(qg, kt, mask, scale):
-    """Masked logits ``[b, k, q, s]`` (float32) and their row maxima."""
+def _masked_logits(qg, kt, mask, scale):
+    """Scaled logits ``[b, k, q, s]`` in float32, ``-0.7·max`` where `mask` is False."""
     logits = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits * scale, _MASKED)
-    return logits, jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.where(mask, logits * scale, _MASKED)
 
 
 @jax.custom_vjp
@@ -435,7 +434,8 @@ def _softmax_attention(qg, kt, vt, mask, scale):
 
 
 def _softmax_attention_fwd(qg, kt, vt, mask, scale):
-    logits, top = _probabilities(qg, kt, mask, scale)
+    logits = _masked_logits(qg, kt, mask, scale)
+    top = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - top)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     probs = (weights / total).astype(vt.dtype)
@@ -450,7 +450,7 @@ def _softmax_attention_bwd(residuals, d_out):
     fuses into the ``dP`` matmul's library call, where it ran at 10 GFLOP/s
     (bench/README.md)."""
     qg, kt, vt, mask, scale, out, top, total = residuals
-    logits, _ = _probabilities(qg, kt, mask, scale)
+    logits = _masked_logits(qg, kt, mask, scale)
     # not exp(logits - log-sum-exp): a query that sees no key has top = -0.7·max, which
     # absorbs log(total) in float32, and its probabilities must stay 1 / s, not 1
     probs = jnp.exp(logits - top) / total
