@@ -18,9 +18,10 @@ Greedy decoding with ``--new-tokens`` forced new tokens (no end-of-sequence stop
 ``8 x new_tokens`` over the time generating ``1 + new_tokens`` tokens takes beyond that.
 Each figure is the best of ``--repeats`` rounds that time every variant once, in turn,
 after one untimed call of each (jpeft's compilation is in the untimed calls; its cache size
-after all ``k`` is recorded). The two
-frameworks run in processes of their own, one after the other, and the number of rows whose
-greedy tokens agree between them is recorded (float32 on both sides; near ties may differ).
+after all ``k`` is recorded). The two frameworks run in processes of their own, in turn,
+``--processes`` times each (each figure from its fastest process), and the number of rows whose
+greedy tokens agree between them up to the end of the answer is recorded (float32 on both
+sides; near ties may differ; see :func:`bench.serving.same_rows`).
 
 Writes ``bench/results/<time>_<cpu>_multi_adapter.{json,md}``.
 """
@@ -28,87 +29,32 @@ Writes ``bench/results/<time>_<cpu>_multi_adapter.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench import machine
-from bench.compare import ROOT, _worker, smollm2_path
-
-TASKS = ("people_json", "dates_iso", "review_sentiment")
-
-
-def _prompts(count: int) -> list:
-    rows = [json.loads(line) for task in TASKS for line in
-            (ROOT / "data" / task / "test.jsonl").read_text().splitlines()[:3]]  # fmt: skip
-    return [row["messages"][:1] for row in rows[:count]]
-
-
-def _measure(variants: dict, spec: dict) -> dict:
-    """Prefill and decode figures of each ``generate(new_tokens) -> [b, new_tokens]`` of
-    `variants` (name -> generate), timed in interleaved rounds (every variant once per
-    round, best of the rounds): a shared VM's speed drifts by 10-20% within minutes, which
-    would otherwise land on whichever variant ran during a slow spell."""
-    new = spec["new_tokens"]
-    times = {name: {1: [], 1 + new: []} for name in variants}
-    tokens = {}
-    for generate in variants.values():  # untimed: compilation (jpeft), warm-up (both)
-        np.asarray(generate(1)), np.asarray(generate(1 + new))
-    for _ in range(spec["repeats"]):
-        for name, generate in variants.items():
-            for length in (1, 1 + new):
-                started = time.perf_counter()
-                out = np.asarray(generate(length))  # waits (jax dispatches asynchronously)
-                times[name][length].append(time.perf_counter() - started)
-            tokens[name] = out
-    results = {}
-    for name in variants:
-        prefill_s, total_s = min(times[name][1]), min(times[name][1 + new])
-        results[name] = {
-            "prefill_s": prefill_s,
-            "decode_tokens_per_s": tokens[name].shape[0] * new / (total_s - prefill_s),
-            "total_s": total_s,
-            "tokens": tokens[name].tolist(),
-        }
-    return results
+from bench import serving
+from bench.compare import ROOT, smollm2_path
 
 
 def run_jpeft(spec: dict) -> dict:
-    import dataclasses
-
-    import jax
-
     import jpeft
     from jpeft import adapters, lora
     from jpeft.generation import _decode, encode_prompts, generate_tokens
 
     model, params = jpeft.models.from_pretrained(spec["model_path"])
     tokenizer = jpeft.models.load_tokenizer(spec["model_path"])
-    input_ids, mask = encode_prompts(tokenizer, _prompts(spec["batch"]))
+    input_ids, mask = encode_prompts(tokenizer, serving.prompts(spec["batch"]))
     np.savez(spec["prompts_file"], input_ids=input_ids, attention_mask=mask)
     config = lora.LoraConfig(
         r=spec["rank"], lora_alpha=2 * spec["rank"], target_modules="all-linear",
         init_lora_weights=False,
     )  # fmt: skip
-
-    def small_b(node):  # random B scaled down: a real-sized update, not noise
-        return (
-            dataclasses.replace(node, b=0.1 * node.b) if isinstance(node, lora.LoraWeight) else node
-        )
-
     made = {}
     for i in range(spec["adapters"]):
-        adapted = lora.apply(params, config=config, key=jax.random.key(i))
-        made[f"a{i}"] = jax.tree.map(
-            small_b, adapted, is_leaf=lambda n: isinstance(n, lora.LoraWeight)
-        )
+        made[f"a{i}"] = serving.random_lora(params, config, seed=i)
         jpeft.hf.export_peft(made[f"a{i}"], Path(spec["adapter_dir"]) / f"a{i}")
     multi = adapters.stack(params, made)
 
@@ -117,61 +63,30 @@ def run_jpeft(spec: dict) -> dict:
             model, tree, input_ids, mask, max_new_tokens=n, adapter_ids=ids
         )
 
-    result = {
-        "framework": "jpeft",
-        "versions": {"jax": jax.__version__, "jpeft": jpeft.__version__},
-    }
+    result = {"framework": "jpeft", "versions": serving.versions("jpeft")}
+    result["eos_token_id"] = tokenizer.eos_token_id
     variants = {"single": tokens(made["a0"])}
     for k in spec["counts"]:
         rows = adapters.adapter_ids(multi, [f"a{r % k}" for r in range(spec["batch"])])
         variants[f"mixed_{k}"] = tokens(multi.params, rows)
     compiled = _decode._cache_size()
-    result.update(_measure(variants, spec))
+    result.update(serving.measure(variants, spec))
     # the single adapter's two lengths, then one program per length for every k
     result["mixed_programs"] = _decode._cache_size() - compiled - 2
     return result
 
 
 def run_peft(spec: dict) -> dict:
-    import peft
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        Path(spec["model_path"]).parent, gguf_file=Path(spec["model_path"]).name,
-        dtype=torch.float32,
-    )  # fmt: skip
-    model.eval()
     folders = [Path(spec["adapter_dir"]) / f"a{i}" for i in range(spec["adapters"])]
-    model = peft.PeftModel.from_pretrained(model, folders[0], adapter_name="a0")
-    for i, folder in enumerate(folders[1:], start=1):
-        model.load_adapter(folder, adapter_name=f"a{i}")
+    model = serving.peft_model(spec["model_path"], folders)
     prompts = np.load(spec["prompts_file"])
-    input_ids = torch.tensor(prompts["input_ids"], dtype=torch.long)
-    mask = torch.tensor(prompts["attention_mask"], dtype=torch.long)
-
-    def tokens(names=None):
-        def call(n):
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, adapter_names=names, pad_token_id=0,
-                )  # fmt: skip
-            return out[:, input_ids.shape[1] :].numpy()
-
-        return call
-
-    result = {
-        "framework": "peft",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
-        "threads": torch.get_num_threads(),
-    }  # fmt: skip
-    model.set_adapter("a0")
-    variants = {"single": tokens()}
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    result = {"framework": "peft", "versions": serving.versions("peft")}
+    variants = {"single": serving.peft_generate(model, ids, mask)}
     for k in spec["counts"]:
-        variants[f"mixed_{k}"] = tokens([f"a{r % k}" for r in range(spec["batch"])])
-    result.update(_measure(variants, spec))
+        names = [f"a{r % k}" for r in range(spec["batch"])]
+        variants[f"mixed_{k}"] = serving.peft_generate(model, ids, mask, names)
+    result.update(serving.measure(variants, spec))
     return result
 
 
@@ -188,7 +103,8 @@ def render(report: dict) -> str:
         f"float32, LoRA r={report['spec']['rank']} on all linears, batch of "
         f"{report['spec']['batch']} prompts ({report['spec']['prompt_tokens']} prompt tokens, "
         f"padded to {report['spec']['width']}), {report['spec']['new_tokens']} forced new "
-        f"tokens, best of {report['spec']['repeats']} interleaved rounds. jpeft's mixed "
+        f"tokens, best of {report['spec']['repeats']} interleaved rounds in each of "
+        f"{jp['processes']} processes per framework (alternating). jpeft's mixed "
         f"batches of every size ran {jp['mixed_programs']} compiled programs (one per "
         "generation length).",
         "",
@@ -201,9 +117,7 @@ def render(report: dict) -> str:
     for key in ["single"] + [f"mixed_{k}" for k in report["spec"]["counts"]]:
         j, p = jp.get(key), pf.get(key)
         label = "1 (plain LoRA tree; peft set_adapter)" if key == "single" else key[6:]
-        same = "-"
-        if j and p:
-            same = f"{sum(a == b for a, b in zip(j['tokens'], p['tokens'], strict=True))}/8"
+        same = serving.same_rows(j, p, (jp["eos_token_id"],))
         lines.append(
             f"| {label} | {_f(j, 'prefill_tokens_per_s', n)} | {_f(j, 'decode_tokens_per_s', n)} | "
             f"{_ratio(j, jp.get('single'))} | {_f(p, 'prefill_tokens_per_s', n)} | "
@@ -232,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--counts", default="1,2,4,8", help="distinct adapters per batch")
+    p.add_argument(
+        "--processes", type=int, default=2, help="processes per framework, alternating (default: 2)"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--worker", nargs=3, metavar=("KIND", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        kind, spec_path, result_path = args.worker
-        result = WORKERS[kind](json.loads(Path(spec_path).read_text()))
-        Path(result_path).write_text(json.dumps({**result, "ok": True}))
-        return 0
+        return serving.run_worker(WORKERS, args.worker)
 
     counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="jpeft-multi-adapter-"))
@@ -250,23 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         "prompts_file": str(work / "prompts.npz"),
     }  # fmt: skip
     report = {"command": "python -m bench.multi_adapter " + " ".join(argv or sys.argv[1:])}
-    for kind in ("jpeft", "peft"):  # peft serves the prompts and adapters jpeft wrote
-        report[kind] = _worker(kind, spec, work, entry=("bench.multi_adapter", "--worker"))
-        if not report[kind].get("ok"):
-            raise SystemExit(f"{kind} failed: {report[kind].get('error')}")
+    # peft serves the prompts and adapters the jpeft worker wrote
+    report.update(serving.run_frameworks("bench.multi_adapter", spec, work, args.processes))
     mask = np.load(spec["prompts_file"])["attention_mask"]
     spec["prompt_tokens"], spec["width"] = int(mask.sum()), int(mask.shape[1])
-    commit = machine.git_commit()
-    report.update(
-        spec=spec, cpu=machine.cpu_info()["model"], cores=os.cpu_count(), commit=commit,
-        date=dt.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
-    )  # fmt: skip
-    tag = machine.machine_tag(report["cpu"])
-    stem = Path(args.out) / f"{dt.datetime.now():%Y%m%d-%H%M%S}_{tag}_multi_adapter"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(render(report))
-    print(render(report))
-    print(f"wrote {stem}.json and .md")
+    report["spec"] = spec
+    serving.write_report(report, args.out, "multi_adapter", render)
     return 0
 
 
