@@ -20,6 +20,7 @@ import transformers
 from safetensors.numpy import save_file
 
 import jpeft
+from jpeft import tree
 from jpeft.generation import generate_tokens
 from jpeft.models import KVPrefix
 
@@ -238,6 +239,32 @@ def test_sharded_checkpoint_loads_like_single_file(tiny, kind, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, t.params)
 
 
+def test_loading_hands_each_layer_apart_and_maps_no_file(tiny):
+    """A transform sees each stacked parameter one layer at a time (``[1, ...]``), the
+    stacked result equals a plain load, and while loading the checkpoint's file is never
+    memory-mapped (a mapped file's pages count in the process's resident memory beside
+    the parameters built from them)."""
+    t = tiny("llama")
+    files = {str(f.resolve()) for f in t.folder.glob("*.safetensors")}
+    seen: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    mapped: list[str] = []
+
+    def record(path, leaf):
+        seen.append((path, leaf.shape))
+        with open("/proc/self/maps") as maps:
+            mapped.extend(line.split()[-1] for line in maps if line.split()[-1] in files)
+        return leaf
+
+    _, params = jpeft.models.from_pretrained(t.folder, transform=record)
+    jax.tree.map(np.testing.assert_array_equal, params, t.params)
+    assert mapped == []
+    layers = t.model.num_layers
+    stacked = [entry.path for entry in t.model.hf_layout() if entry.layers is not None]
+    assert stacked
+    for path in stacked:
+        shapes = [shape for p, shape in seen if p == path]
+        full = tree.get_path(t.params, path).shape
+        assert shapes == [(1, *full[1:])] * layers, path
 # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per operation). The tiny
 # models' logits are ~0.5 in size and the observed bf16-vs-f32 difference is ~0.003; 0.03
 # (a few percent of the logit scale) allows for the rounding accumulated over two layers

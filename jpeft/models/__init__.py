@@ -88,7 +88,9 @@ def from_pretrained(
         ``model.safetensors.index.json`` too), or a ``.gguf`` file (dequantised).
       dtype: the floating dtype of the parameters (e.g. ``jnp.bfloat16`` for a frozen base).
       transform: ``transform(path, array)`` replaces each parameter as it is loaded, one at
-        a time (see :func:`jpeft.qlora.from_pretrained`, which quantises this way).
+        a time, and each layer of a stacked one apart, as a ``[1, ...]`` stack
+        (:func:`jpeft.models.hf_layout.read`; :func:`jpeft.qlora.from_pretrained`
+        quantises this way).
       **model_options: model fields such as ``remat``.
 
     Returns:

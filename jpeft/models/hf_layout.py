@@ -8,6 +8,7 @@ writing a tree back for transformers, and the bitsandbytes 4-bit format
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -62,8 +63,11 @@ def read(
     Checks that every parameter is present with its expected shape; ignores buffers that
     are not parameters and a tied output head stored twice. `transform(path, array)`,
     when given, replaces each parameter as soon as it is built (e.g. quantises it), so
-    that the whole float tree never exists at once; `tensors` may be lazy (anything with
-    ``shape`` that :func:`numpy.asarray` reads), and is then read one parameter at a time.
+    that the whole float tree never exists at once; a stacked parameter is transformed one
+    layer at a time, as a ``[1, ...]`` stack of one, and the results are stacked (so the
+    transform must treat layers apart and keep the leading axis, as
+    :func:`jpeft.quant.nf4.quantize` does). `tensors` may be lazy (anything with ``shape``
+    that :func:`numpy.asarray` reads), and is then read one layer at a time.
 
     Raises:
       CheckpointError: a missing or unexpected tensor, or a shape mismatch (naming the
@@ -93,18 +97,39 @@ def read(
     params: dict = {}
     for entry in layout:
         if entry.layers is None:
-            array = np.asarray(tensors[entry.name])
+            leaf = to_jax(np.asarray(tensors[entry.name]), entry.transposed, dtype)
+            leaf = leaf if transform is None else transform(entry.path, leaf)
         else:
-            first = tensors[entry.name.format(0)]
-            array = np.empty((len(entry.layers), *entry.shape), first.dtype)
-            for i in entry.layers:  # one layer read (dequantised) at a time
-                array[i] = np.asarray(tensors[entry.name.format(i)])
-        leaf = to_jax(array, entry.transposed, dtype)
-        del array
-        tree.set_path(
-            params, entry.path, leaf if transform is None else transform(entry.path, leaf)
-        )
+            leaf = _read_stacked(entry, tensors, dtype, transform)
+        tree.set_path(params, entry.path, leaf)
     return params
+
+
+def _read_stacked(
+    entry: HFEntry,
+    tensors: Mapping[str, np.ndarray],
+    dtype: Any,
+    transform: Callable[[tuple[str, ...], jax.Array], Any] | None,
+) -> Any:
+    """A stacked parameter built one layer at a time: each layer is read, converted (and
+    transformed, as a ``[1, ...]`` stack of one) and written into its slot of the stacked
+    result in place, so the host holds the result plus one layer, never a second stack."""
+    stacked = None
+    for i in entry.layers:
+        layer = to_jax(np.asarray(tensors[entry.name.format(i)])[None], entry.transposed, dtype)
+        if transform is not None:
+            layer = transform(entry.path, layer)
+        if stacked is None:
+            count = len(entry.layers)
+            stacked = jax.tree.map(lambda x: jnp.zeros((count, *x.shape[1:]), x.dtype), layer)
+        stacked = jax.tree.map(functools.partial(_put_layer, index=i), stacked, layer)
+    return stacked
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """`stacked` with ``stacked[index] = layer[0]``, updated in place (donated)."""
+    return jax.lax.dynamic_update_slice_in_dim(stacked, layer, index, 0)
 
 
 def write(model: Any, params: dict) -> dict[str, np.ndarray]:
@@ -132,7 +157,7 @@ def write(model: Any, params: dict) -> dict[str, np.ndarray]:
 
 def _few(names: list[str], tensors: dict | None = None, limit: int = 5) -> str:
     """Up to `limit` of `names`, each with the file that holds it where `tensors` tells
-    (the memory maps of :func:`jpeft.hf.checkpoints.read_safetensors` know their file)."""
+    (the tensors of :func:`jpeft.hf.checkpoints.read_folder` know their file)."""
     if not names:
         return "none"
     files = {n: getattr(tensors[n], "filename", None) for n in names} if tensors else {}
