@@ -311,7 +311,11 @@ def _scale_blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
 def _bucketize(x: jax.Array, bounds: np.ndarray) -> jax.Array:
     """``torch.bucketize(x, bounds)``: the number of bounds strictly below each value
     (the nearest table entry, ties to the lower one), as uint8."""
-    return jnp.searchsorted(jnp.asarray(bounds), x, side="left").astype(jnp.uint8)
+    # compare_all: every value against all (at most 255) bounds, vectorised; the default
+    # binary search runs as a loop of gathers, 30x slower on CPU for the 15 NF4 bounds
+    return jnp.searchsorted(jnp.asarray(bounds), x, side="left", method="compare_all").astype(
+        jnp.uint8
+    )
 
 
 @jax.jit
