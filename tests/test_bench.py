@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import compare, machine
+from bench import compare, gpu, machine
 from jpeft import cli
 
 CPUINFO = """processor\t: 0
@@ -105,3 +105,39 @@ def test_reports_name_the_commit_and_whether_the_tree_was_dirty(tmp_path, monkey
     plain.mkdir()
     monkeypatch.setattr(machine, "__file__", str(plain / "machine.py"))
     assert machine.git_commit() == "unknown"
+
+
+def test_a_gpu_run_refuses_a_machine_without_one():
+    """``--device gpu`` on this CPU machine: each worker names what it cannot see rather
+    than measuring the CPU and calling it a GPU figure; a CPU run checks nothing."""
+    import pytest
+
+    for framework, missing in (("jax", "JAX's backend is 'cpu'"), ("torch", "cuda")):
+        with pytest.raises(RuntimeError, match=missing):
+            gpu.check_device(framework, {"device": "gpu"})
+        gpu.check_device(framework, {"device": "cpu"})
+        assert gpu.device_record(framework, {"device": "cpu"}) == {}
+    assert gpu.torch_device({"device": "gpu"}) == "cuda"
+    assert gpu.torch_device({}) == "cpu"
+
+
+def test_a_gpu_report_tables_each_frameworks_device_memory():
+    report = {
+        "device": "gpu",
+        "ceiling_dtype": "bfloat16",
+        "variants": {
+            "lora": {
+                "shape": "4x256",
+                "runs": {
+                    "jpeft": {"device_name": "NVIDIA H100", "device_peak_mb": 1000.0},
+                    "hf_peft": {"device_name": "NVIDIA H100", "device_peak_mb": 4000.0},
+                },
+            },
+            "long": {"shape": "1x2048", "runs": {"jpeft": {"device_peak_mb": 900.0}}},
+        },
+    }
+    lines = gpu.render(report)
+    assert "Device: NVIDIA H100; the ceiling is the bfloat16 matmul one." in lines
+    assert "| lora 4x256 | 1000 | 4000 | **0.25x** |" in lines
+    assert "| long 1x2048 | 900 | - | **-** |" in lines
+    assert gpu.render({**report, "device": "cpu"}) == []
