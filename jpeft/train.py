@@ -133,7 +133,12 @@ def _fused_head_nll(
 def _fused_head_nll_fwd(h, w, y, tied):
     loss, count, grad = _head_nll(nn.output_head(h, w, tied), y)
     grad = grad.astype(h.dtype)
-    dh = grad @ w.astype(h.dtype) if tied else grad @ w.astype(h.dtype).T
+    head = w.astype(h.dtype)
+    if tied:  # head: [v, d]
+        dh = grad @ head
+    else:  # head: [d, v]. As (head @ gradᵀ)ᵀ: XLA:CPU ran grad @ headᵀ at half the speed
+        # (a 32000-token head, 2-core AMD EPYC Zen 4)
+        dh = jnp.swapaxes(head @ jnp.swapaxes(grad, -1, -2), -1, -2)
     return (loss, count), (dh, h, w, y)
 
 
