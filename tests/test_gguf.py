@@ -1,14 +1,17 @@
 """Tests for `jpeft.hf.gguf.read_gguf`, with transformers' own GGUF loader as the reference."""
 
+import gc
 import re
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from gguf import GGMLQuantizationType
 
+import jpeft
 from jpeft.hf.gguf import read_gguf
 
 
@@ -148,6 +151,22 @@ def test_converted_model_round_trips(arch, tmp_path):
         np.testing.assert_allclose(value, original[name].numpy(), rtol=0, atol=tolerance)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
     _assert_matches_transformers(config, state, loaded)
+
+
+@pytest.mark.parametrize("arch", sorted(_TINY))
+def test_loaded_parameters_keep_no_part_of_the_file(arch, tmp_path):
+    """The loaded tree owns its memory: no parameter aliases the reader's memory map (JAX
+    adopted a float32 norm's view of it, which kept the whole file mapped and resident
+    for as long as the parameters lived)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_TINY[arch])
+    _convert(model, arch, tmp_path / "tiny.gguf")
+    path = str((tmp_path / "tiny.gguf").resolve())
+    _, params = jpeft.models.from_pretrained(tmp_path / "tiny.gguf")
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert [line for line in maps if line.rstrip().endswith(path)] == []
+    assert jax.tree.leaves(params)
 
 
 def _llama_file(path, tensors, arch="llama"):

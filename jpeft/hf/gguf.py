@@ -222,8 +222,9 @@ def _dequantize(tensor) -> np.ndarray:
     of leading rows at a time."""
     shape = tuple(reversed(tensor.shape.tolist()))
     data = tensor.data  # memory-mapped; leading axis = leading axis of `shape`
-    if data.ndim < 2:
-        return np.asarray(dequantize(data, tensor.tensor_type), np.float32).reshape(shape)
+    if data.ndim < 2:  # a copy: a float32 tensor's values are a view of the memory map, and
+        # JAX may adopt such an array's memory, which kept the whole file mapped and resident
+        return np.array(dequantize(data, tensor.tensor_type), np.float32).reshape(shape)
     out = np.empty((data.shape[0], math.prod(shape) // data.shape[0]), np.float32)
     for start in range(0, data.shape[0], _DEQUANTIZE_ROWS):
         rows = out[start : start + _DEQUANTIZE_ROWS]
