@@ -428,7 +428,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         best = framework_ceilings.setdefault(c["framework"].removeprefix("ceiling-"), {})
         for dtype in ("float32", "bfloat16"):
             best[dtype] = max(best.get(dtype, 0.0), c[dtype]["gflops"])
-    # the ceiling of the dtype jpeft computes in (float32 on CPU, bfloat16 on a GPU run)
+    # the ceiling of the dtype jpeft computes in (--jpeft-dtype: bfloat16 in bench/gpu.sh)
     ceiling_dtype = args.jpeft_dtype
     ceiling = max(
         (c[ceiling_dtype] for c in framework_ceilings.values()), default=float("nan")

@@ -317,14 +317,14 @@ def run_hf(spec: dict) -> dict:
 
 def run_ceiling(spec: dict) -> dict:
     gpu.check_device(spec["framework"], spec)
+    device = spec.get("device", "cpu")
     return {
         "framework": f"ceiling-{spec['framework']}",
         "variant": spec["variant"],
         "loadavg_start": os.getloadavg(),
         **roofline.matmul_ceiling(
-            spec["framework"], sizes=gpu.CEILING_SIZES[spec.get("device", "cpu")],
-            device=spec.get("device", "cpu"),
-        ),  # fmt: skip
+            spec["framework"], sizes=gpu.CEILING_SIZES[device], device=device
+        ),
         "peak_rss_mb": _maxrss_mb(),
     }
 

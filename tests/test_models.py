@@ -265,6 +265,8 @@ def test_loading_hands_each_layer_apart_and_maps_no_file(tiny):
         shapes = [shape for p, shape in seen if p == path]
         full = tree.get_path(t.params, path).shape
         assert shapes == [(1, *full[1:])] * layers, path
+
+
 # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per operation). The tiny
 # models' logits are ~0.5 in size and the observed bf16-vs-f32 difference is ~0.003; 0.03
 # (a few percent of the logit scale) allows for the rounding accumulated over two layers

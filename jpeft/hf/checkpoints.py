@@ -174,7 +174,12 @@ class SafetensorsTensor:
     """
 
     def __init__(
-        self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, offset: int,
+        self,
+        path: Path,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        offset: int,
         digest: str | None,
     ):
         self.filename, self.name, self.shape, self.dtype = path, name, shape, dtype
