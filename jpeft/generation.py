@@ -34,6 +34,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     adapter_ids: Any = None,
+    layers_apart: bool | None = None,
 ) -> list[str]:
     """Generates a completion for each prompt.
 
@@ -50,6 +51,10 @@ def generate(
       adapter_ids: with several adapters stacked in `params` (:mod:`jpeft.adapters`): the
         adapter of each prompt, ``int32 [b]`` (-1: none; see
         :func:`jpeft.adapters.adapter_ids`), or one for all; the prompts run as one batch.
+      layers_apart: decode with the layers' weights sliced apart once before the loop
+        (:meth:`jpeft.models.decoder.DecoderLM.with_layers_apart`): faster on CPU, at the
+        cost of one more copy of the layers' weights while generating. None: on CPU, when
+        more than one token is generated.
 
     Returns:
       The decoded new text of each prompt, without the end-of-sequence token.
@@ -74,6 +79,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         adapter_ids=adapter_ids,
+        layers_apart=layers_apart,
     )
     eos = set(_eos_ids(model, tokenizer))
     texts = []
@@ -131,6 +137,7 @@ def generate_tokens(
     top_p: float = 1.0,
     seed: int = 0,
     adapter_ids: Any = None,
+    layers_apart: bool | None = None,
 ) -> jax.Array:
     """The token-level loop of :func:`generate`: ``[b, max_new_tokens]`` new token ids.
 
@@ -149,10 +156,14 @@ def generate_tokens(
         max_new_tokens=max_new_tokens,
         eos_token_ids=tuple(eos_token_ids),
         greedy=temperature == 0,
+        layers_apart=_layers_apart(layers_apart, max_new_tokens),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_ids", "greedy"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "max_new_tokens", "eos_token_ids", "greedy", "layers_apart"),
+)
 def _decode(
     model,
     params,
@@ -165,6 +176,7 @@ def _decode(
     max_new_tokens,
     eos_token_ids,
     greedy,
+    layers_apart,
 ):
     batch, prompt_len = input_ids.shape
     slots = virtual_tokens.prompt_length(model, params) + prompt_len + max_new_tokens
@@ -185,6 +197,9 @@ def _decode(
     token = pick(hidden[:, -1], first_key)
     out = jnp.full((batch, max_new_tokens), filler, jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, eos)
+    if layers_apart:
+        # The barrier keeps XLA from sinking the slices back into the loop.
+        params = jax.lax.optimization_barrier(model.with_layers_apart(params))
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -200,6 +215,14 @@ def _decode(
 
     state = (jnp.int32(1), token, cache, done, out, key)
     return jax.lax.while_loop(cond, body, state)[4]
+
+
+def _layers_apart(choice: bool | None, max_new_tokens: int) -> bool:
+    """Whether to decode with the layers apart: `choice`, or by default on CPU (where a layer
+    scan copies each layer's weights out at every step) when there is a step to decode."""
+    if choice is None:
+        return jax.default_backend() == "cpu" and max_new_tokens > 1
+    return bool(choice)
 
 
 def _sample(logits: jax.Array, top_p: jax.Array, key: jax.Array) -> jax.Array:

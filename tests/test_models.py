@@ -367,6 +367,12 @@ def test_greedy_generate_tokens_equals_naive_argmax_loop(tiny):
 
     got = np.asarray(generate_tokens(t.model, t.params, ids, mask, max_new_tokens=new))
     assert got.shape == (2, new) and got.dtype == np.int32
+    # Decoding with the layers sliced apart (the CPU default) and in the scan agree.
+    for apart in (True, False):
+        again = generate_tokens(
+            t.model, t.params, ids, mask, max_new_tokens=new, layers_apart=apart
+        )
+        np.testing.assert_array_equal(np.asarray(again), got)
 
     # Full recomputation without a cache, in one buffer of the final width (one compile):
     # attention is causal, so the logits at column c do not depend on the not yet

@@ -6,7 +6,9 @@ tree keyed by Hugging Face module names. The layers' parameters are stacked alon
 GPT-2), so ``params["model"]["layers"]["self_attn"]["q_proj"]["weight"]`` is ``[l, d, n·h]``
 and stands for HF's ``model.layers.{i}.self_attn.q_proj.weight`` for every ``i``. The layers
 run under :func:`jax.lax.scan` (one compiled layer, whatever the depth) with
-:func:`jax.checkpoint` and a chosen remat policy.
+:func:`jax.checkpoint` and a chosen remat policy; a tree whose layers are a list of
+per-layer trees (:meth:`DecoderLM.with_layers_apart`) runs them one after another instead,
+which KV-cached decoding on CPU uses (:mod:`jpeft.generation`).
 
 Linear weights are stored ``[in, out]`` (``y = x @ w``), the transpose of torch's ``Linear``;
 GPT-2's ``Conv1D`` already stores ``[in, out]``. :meth:`DecoderLM.from_hf_state_dict` and
@@ -365,15 +367,17 @@ class DecoderLM(abc.ABC):
 
         if self.remat is not None:
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
+        layers = tree.get_path(params, self.layers_path)
         xs = (
-            tree.get_path(params, self.layers_path),
+            layers,
             cache_k,
             cache_v,
             None if kv_prefix is None else kv_prefix.k,
             None if kv_prefix is None else kv_prefix.v,
             jnp.asarray(self.layer_windows()),
         )
-        h, (new_k, new_v) = jax.lax.scan(body, h, xs)
+        run = _one_after_another if isinstance(layers, list) else jax.lax.scan
+        h, (new_k, new_v) = run(body, h, xs)
         h = self._final_norm(params, h)[:, virtual:]
         if cache is None:
             return h, None
@@ -388,6 +392,25 @@ class DecoderLM(abc.ABC):
             next_position=next_position,
         )
         return h, new_cache
+
+    def with_layers_apart(self, params: dict) -> dict:
+        """`params` with the stacked layers replaced by a list of per-layer trees (each
+        array sliced at its layer, so one more copy of the layers' weights), which
+        :meth:`hidden_states` runs unrolled instead of in a scan.
+
+        Inside a scan, XLA:CPU copies each layer's slice of a stacked weight out before
+        its matmul, and gathers the rows' adapters of a mixed batch out of the stacked
+        slots again, at every call: for KV-cached decoding, one call per new token, that
+        is the whole model's weights copied per token. Sliced once before the decoding
+        loop, the layers' weights are read where they lie.
+        """
+        layers = tree.get_path(params, self.layers_path)
+        if isinstance(layers, list):
+            return params
+        apart = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(self.num_layers)]
+        params = tree.copy_dicts(params)
+        tree.set_path(params, self.layers_path, apart)
+        return params
 
     def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
         """An empty cache for `batch` rows and `max_length` slots."""
@@ -446,6 +469,17 @@ class DecoderLM(abc.ABC):
         """HF-named, HF-layout numpy arrays of a plain tree (see
         :func:`jpeft.models.hf_layout.write`)."""
         return hf_layout.write(self, params)
+
+
+def _one_after_another(body: Callable, h: jax.Array, xs: tuple) -> tuple[jax.Array, Any]:
+    """:func:`jax.lax.scan` of `body` for `xs` whose first entry is a list of per-layer
+    trees and the rest stacked ``[l, ...]`` arrays (or None), unrolled."""
+    layers, *stacked = xs
+    outputs = []
+    for i, layer in enumerate(layers):
+        h, out = body(h, (layer, *(None if x is None else x[i] for x in stacked)))
+        outputs.append(out)
+    return h, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
 
 
 def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
