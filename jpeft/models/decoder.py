@@ -46,7 +46,8 @@ class KVCache(NamedTuple):
     """Keys and values of the tokens seen so far, for incremental decoding.
 
     Attributes:
-      k, v: ``[l, b, s, k, h]`` per-layer keys and values for ``s`` slots.
+      k, v: ``[l, b, s, k, h]`` per-layer keys and values for ``s`` slots, or lists of the
+        ``l`` layers' ``[b, s, k, h]`` (:meth:`apart`, for layers apart).
       valid: ``[b, s]`` True where a slot holds a real token (not padding, not yet empty).
       length: ``[]`` int32, how many slots are filled (the same for every row).
       next_position: ``[b]`` int32, the position id the next real token of each row gets.
@@ -57,6 +58,12 @@ class KVCache(NamedTuple):
     valid: jax.Array
     length: jax.Array
     next_position: jax.Array
+
+    def apart(self) -> KVCache:
+        """This cache with each layer's keys and values an array of its own, to decode
+        with the layers apart (:meth:`DecoderLM.with_layers_apart`): each step then updates
+        each layer's arrays in place, where a stacked cache would be sliced and restacked."""
+        return self._replace(k=list(self.k), v=list(self.v))
 
 
 SAVED_ACTIVATIONS: dict[str, tuple[str, ...]] = {
@@ -378,6 +385,8 @@ class DecoderLM(abc.ABC):
         )
         run = _one_after_another if isinstance(layers, list) else jax.lax.scan
         h, (new_k, new_v) = run(body, h, xs)
+        if isinstance(new_k, list) and not isinstance(cache_k, list):
+            new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
         h = self._final_norm(params, h)[:, virtual:]
         if cache is None:
             return h, None
@@ -473,13 +482,14 @@ class DecoderLM(abc.ABC):
 
 def _one_after_another(body: Callable, h: jax.Array, xs: tuple) -> tuple[jax.Array, Any]:
     """:func:`jax.lax.scan` of `body` for `xs` whose first entry is a list of per-layer
-    trees and the rest stacked ``[l, ...]`` arrays (or None), unrolled."""
-    layers, *stacked = xs
+    trees and the rest per-layer lists or stacked ``[l, ...]`` arrays (or None), unrolled;
+    the outputs come back as per-layer lists."""
+    layers, *rest = xs
     outputs = []
     for i, layer in enumerate(layers):
-        h, out = body(h, (layer, *(None if x is None else x[i] for x in stacked)))
+        h, out = body(h, (layer, *(None if x is None else x[i] for x in rest)))
         outputs.append(out)
-    return h, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
+    return h, jax.tree.map(lambda *ys: list(ys), *outputs)
 
 
 def _positions_within_segments(segment_ids: jax.Array) -> jax.Array:
