@@ -200,7 +200,8 @@ def _decode(
     done = jnp.isin(token, eos)
     if layers_apart:
         # The barrier keeps XLA from sinking the slices back into the loop.
-        params, cache = jax.lax.optimization_barrier((model.with_layers_apart(params), cache.apart()))
+        apart = (model.with_layers_apart(params), cache.apart())
+        params, cache = jax.lax.optimization_barrier(apart)
 
     def cond(state):
         step, _, _, done, _, _ = state

@@ -302,9 +302,9 @@ def apply(
     selected = targets_of(params, config)
     new = tree.copy_dicts(params)
     weights = [tree.get_path(new, m.path)[m.weight_key] for m, _ in selected]
-    ranks = [_rank(w, m, layers, config) for w, (m, layers) in zip(weights, selected, strict=True)]
     shapes = tuple(
-        (*nn.shape(w)[:-2], r, *nn.shape(w)[-2:]) for w, r in zip(weights, ranks, strict=True)
+        (*nn.shape(w)[:-2], _rank(w, m, layers, config), *nn.shape(w)[-2:])
+        for w, (m, layers) in zip(weights, selected, strict=True)
     )
     factors = _initial_factors(key, shapes, config.init_lora_weights)
     for (module, layers), weight, (a, b) in zip(selected, weights, factors, strict=True):
@@ -339,7 +339,9 @@ def targets_of(params: dict, config: LoraConfig) -> list[tuple[targeting.Module,
     )
 
 
-def _rank(weight: Any, module: targeting.Module, layers: tuple[int, ...], config: LoraConfig) -> int:
+def _rank(
+    weight: Any, module: targeting.Module, layers: tuple[int, ...], config: LoraConfig
+) -> int:
     """The rank `config` gives `module` (one for all its selected layers)."""
     if isinstance(weight, LoraWeight):
         raise ValueError(f"{module.names[0]} already has a LoRA adapter")
