@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import methods, nn, tree
+from jpeft import matmul, methods, nn, tree
 from jpeft import targets as targeting
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -247,7 +247,8 @@ def low_rank_update(x: jax.Array, node: LoraWeight) -> jax.Array:
         # One token axis: the gradients of A and B then contract over a single axis.
         # Contracting over [batch, seq] at once is ~2.5x slower on XLA:CPU in float32
         # (bench/README.md).
-        delta = ((x.reshape(-1, x.shape[-1]) @ a) @ b).reshape(*x.shape[:-1], b.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        delta = matmul.matmul(matmul.matmul(rows, a), b).reshape(*x.shape[:-1], b.shape[-1])
     else:
         delta = (x @ a) @ b
     return delta * node.scale.astype(x.dtype)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import matmul
+
 _RULES: dict[tuple[str, type], Callable[..., jax.Array]] = {}
 _OPS = ("linear", "embed", "attend", "residual", "value", "bias")
 
@@ -109,7 +111,7 @@ def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     dtype is cast inside the jitted computation, never in the parameter tree.
     """
     rule = _rule("linear", w)
-    y = rule(x, w) if rule is not None else x @ w.astype(x.dtype)
+    y = rule(x, w) if rule is not None else matmul.matmul(x, w)
     if bias is not None:
         y = y + module_bias(bias, w).astype(y.dtype)
     return y
@@ -150,17 +152,19 @@ def embed(ids: jax.Array, table: Any, dtype: Any = None) -> jax.Array:
 def attend(x: jax.Array, table: Any) -> jax.Array:
     """``x @ table.T`` for ``x: [..., d]`` and ``table: [v, d]``: a tied output head.
 
-    On CPU this is computed as ``(table @ x.T).T``: written as ``x @ table.T``, XLA:CPU
-    keeps a transposed copy of the whole table alive through the chunked loss (113 MiB of
-    temporaries for SmolLM2's 49152 x 576 table; bench/README.md); this form reads the
-    table as it is stored and transposes only the ``[v, tokens]`` product.
+    On CPU a float32 product is computed as ``(table @ x.T).T``: written as ``x @ table.T``,
+    XLA:CPU keeps a transposed copy of the whole table alive through the chunked loss
+    (113 MiB of temporaries for SmolLM2's 49152 x 576 table; bench/README.md); this form
+    reads the table as it is stored and transposes only the ``[v, tokens]`` product. A
+    narrower dtype takes :func:`jpeft.matmul.matmul_transposed` (float32 sums, one product
+    contracting both last axes).
     """
     rule = _rule("attend", table)
     if rule is not None:
         return rule(x, table)
+    if jax.default_backend() != "cpu" or matmul.narrow(x.dtype):
+        return matmul.matmul_transposed(x, table)
     table = table.astype(x.dtype)
-    if jax.default_backend() != "cpu":
-        return x @ table.T
     rows = x.reshape(-1, x.shape[-1])
     return (table @ rows.T).T.reshape(*x.shape[:-1], table.shape[0])
 

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, tree
+from jpeft import matmul, nn, tree
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """The block sizes bitsandbytes accepts for 4-bit quantisation."""
@@ -332,6 +332,11 @@ def dequantize(node: NF4Weight) -> jax.Array:
     Returns:
       ``[..., in, out]`` in ``node.dtype``.
     """
+    return jnp.swapaxes(_dequantized_rows(node), -1, -2)
+
+
+def _dequantized_rows(node: NF4Weight) -> jax.Array:
+    """:func:`dequantize` in bitsandbytes' own layout, ``[..., out, in]``."""
     fan_in, fan_out = node.shape
     n = fan_in * fan_out
     lead = node.codes.shape[:-1]
@@ -343,7 +348,7 @@ def dequantize(node: NF4Weight) -> jax.Array:
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, blocks * node.block_size - n)])
     w = values.reshape(*lead, blocks, node.block_size) * absmax[..., None]
     w = w.reshape(*lead, -1)[..., :n].astype(node.dtype)
-    return jnp.swapaxes(w.reshape(*lead, fan_out, fan_in), -1, -2)
+    return w.reshape(*lead, fan_out, fan_in)
 
 
 def block_scales(node: NF4Weight) -> jax.Array:
@@ -370,9 +375,11 @@ def _value(node: NF4Weight) -> jax.Array:
 @nn.register("linear", NF4Weight)
 def _linear(x: jax.Array, node: NF4Weight) -> jax.Array:
     # As bitsandbytes' Linear4bit: the input cast to the compute dtype, the weight
-    # dequantised to its dtype and cast to the compute dtype, the result cast back.
-    y = x.astype(node.compute_dtype) @ _value(node)
-    return y.astype(x.dtype)
+    # dequantised to its dtype and cast to the compute dtype, the result cast back. The
+    # product reads the weight in the ``[out, in]`` layout it is dequantised in: through
+    # ``dequantize``'s transposed view, XLA:CPU ran the bfloat16 products at 60% of the speed
+    rows = _dequantized_rows(node).astype(node.compute_dtype)
+    return matmul.matmul_transposed(x.astype(node.compute_dtype), rows).astype(x.dtype)
 
 
 def check_options(block_size: Any, quant_type: Any) -> None:
