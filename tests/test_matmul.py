@@ -92,3 +92,53 @@ def test_stacked_weights_take_the_plain_product():
     x = jnp.ones((2, 3, 8), BF16)
     w = jnp.ones((2, 8, 4), BF16)
     np.testing.assert_array_equal(np.asarray(matmul.matmul(x, w)), np.asarray(x @ w))
+
+
+def test_bfloat16_llama_is_as_close_to_float32_as_torch_bfloat16(tmp_path):
+    """A bfloat16 Llama through jpeft's products (float32 sums, rounded once) is at least
+    about as close to the float32 model as transformers' bfloat16 run of the same weights:
+    its logits within 1.5x of torch's distance (0.089 against 0.092 seen), and its LoRA
+    factors' gradients within 5% (relative, whole-tree norm) of the float32 gradients (3.4%
+    seen, as with bfloat16 products rounded by XLA itself: bfloat16 activations between the
+    products, weights of standard deviation 0.2)."""
+    import hf_models
+    import torch
+    import transformers
+
+    import jpeft
+    from jpeft import lora
+
+    hf = hf_models.make("llama", tmp_path, initializer_range=0.2)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 97, (2, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    reference = hf_models.hf_logits(hf, ids, mask)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch_logits = hf16.eval()(input_ids=torch.tensor(ids)).logits.float().numpy()
+    torch_error = np.abs(torch_logits - reference).max()
+
+    model, base = jpeft.models.from_pretrained(tmp_path, dtype=BF16)
+    logits = np.asarray(jax.jit(model)(base, ids), np.float32)
+    assert np.abs(logits - reference).max() <= 1.5 * torch_error
+
+    def adapted(dtype):  # A and B random: every factor has a gradient
+        params = jpeft.models.from_pretrained(tmp_path, dtype=dtype)[1]
+        return lora.apply(params, rank=4, targets="all-linear", key=jax.random.key(0),
+                          init_lora_weights=False)
+
+    low = adapted(BF16)
+
+    cotangent = jax.random.normal(jax.random.key(4), reference.shape)
+
+    def gradients(params):
+        trainable, frozen = jpeft.split(params)
+        loss = lambda t: jnp.sum(model(jpeft.combine(t, frozen), ids) * cotangent)  # noqa: E731
+        return jax.jit(jax.grad(loss))(trainable)
+
+    high = gradients(adapted(jnp.float32))
+    got = gradients(low)
+    norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float32)))  # noqa: E731
+                                          for x in jax.tree.leaves(tree))))
+    difference = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, got, high)
+    assert norm(difference) <= 0.05 * norm(high)
