@@ -370,11 +370,11 @@ def _initial_factors(
     b_shapes = [(*lead, r, fan_out) for *lead, r, _, fan_out in shapes]
     key_a, key_b = jax.random.split(key)
     if init == "gaussian":  # standard deviation 1/r
-        a = [x / s[-1] for x, s in zip(_draws(jax.random.normal, key_a, a_shapes), a_shapes)]
+        a = _draws(jax.random.normal, key_a, a_shapes, lambda s: s[-1])
     else:  # kaiming_uniform(a=√5) on A[r, in], as torch's Linear: U(±1/√in)
-        a = [x / math.sqrt(s[-2]) for x, s in zip(_draws(_uniform, key_a, a_shapes), a_shapes)]
+        a = _draws(_uniform, key_a, a_shapes, lambda s: math.sqrt(s[-2]))
     if init is False:  # U(±1/√r)
-        b = [x / math.sqrt(s[-2]) for x, s in zip(_draws(_uniform, key_b, b_shapes), b_shapes)]
+        b = _draws(_uniform, key_b, b_shapes, lambda s: math.sqrt(s[-2]))
     else:
         b = [jnp.zeros(s, jnp.float32) for s in b_shapes]
     return list(zip(a, b, strict=True))
@@ -384,12 +384,18 @@ def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
 
 
-def _draws(draw: Any, key: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
-    """Arrays of `shapes` cut from one `draw(key, [total])`."""
+def _draws(
+    draw: Any, key: jax.Array, shapes: list[tuple[int, ...]], divisor: Any
+) -> list[jax.Array]:
+    """Arrays of `shapes` cut from one `draw(key, [total])`, each divided by
+    ``divisor(shape)``."""
     sizes = [math.prod(s) for s in shapes]
     flat = draw(key, (sum(sizes),))
     offsets = np.cumsum([0, *sizes])[:-1]
-    return [flat[o : o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes, strict=True)]
+    return [
+        flat[o : o + n].reshape(s) / divisor(s)
+        for o, n, s in zip(offsets, sizes, shapes, strict=True)
+    ]
 
 
 def _init_node(

@@ -30,9 +30,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     w = w.astype(x.dtype)
     if not narrow(x.dtype) or w.ndim != 2:
         return x @ w
-    rows = x.reshape(-1, x.shape[-1])
-    out = _dot(rows, w, 0).astype(x.dtype)
-    return out.reshape(*x.shape[:-1], w.shape[-1])
+    return _over_rows(x, w, 0)
 
 
 def matmul_transposed(x: jax.Array, table: jax.Array) -> jax.Array:
@@ -42,14 +40,19 @@ def matmul_transposed(x: jax.Array, table: jax.Array) -> jax.Array:
     table = table.astype(x.dtype)
     if not narrow(x.dtype) or table.ndim != 2:
         return x @ jnp.swapaxes(table, -1, -2)
-    rows = x.reshape(-1, x.shape[-1])
-    out = _dot(rows, table, 1).astype(x.dtype)
-    return out.reshape(*x.shape[:-1], table.shape[0])
+    return _over_rows(x, table, 1)
 
 
 def narrow(dtype) -> bool:
     """Whether `dtype` is a float dtype narrower than float32 (bfloat16, float16)."""
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def _over_rows(x: jax.Array, w: jax.Array, contract: int) -> jax.Array:
+    """:func:`_dot` of ``x: [..., k]``'s rows with the 2-D `w` (`contract`: the axis of `w`
+    holding ``k``), rounded to ``x``'s dtype, ``[..., n]``."""
+    out = _dot(x.reshape(-1, x.shape[-1]), w, contract).astype(x.dtype)
+    return out.reshape(*x.shape[:-1], w.shape[1 - contract])
 
 
 def _product(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
