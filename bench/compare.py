@@ -187,7 +187,8 @@ def render(report: dict) -> str:
     opts = report["jpeft_options"]
     lines += [
         "",
-        f"jpeft options: frozen base and compute `{opts['dtype']}`, remat `{opts['remat']}`, "
+        f"jpeft options: frozen base `{opts['dtype']}`, activations "
+        f"`{opts.get('activations', opts['dtype'])}`, remat `{opts['remat']}`, "
         f"loss chunk {opts['chunk']} tokens, QLoRA compute `{opts['qlora_compute']}`, XLA_FLAGS "
         f"`{report['xla_flags'] or '(none)'}`. Steps: {report['warmup']} warm-up + "
         f"{report['steps']} timed (median), best of {report['repeats']} run(s) per framework.",
@@ -247,6 +248,12 @@ def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
         choices=("float32", "bfloat16"),
         help="dtype of jpeft's parameters (and so of its compute: bfloat16 "
         "matmuls are slower than float32 ones on XLA:CPU here) (default: float32)",
+    )
+    p.add_argument(
+        "--jpeft-activations",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="jpeft's activation dtype (DecoderLM.activation_dtype; default: the parameters')",
     )
     p.add_argument(
         "--hf-dtype",
@@ -324,6 +331,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         remat = decoder.DecoderLM.__dataclass_fields__["remat"].default
     jpeft_opts = {
         "dtype": args.jpeft_dtype,
+        "activations": args.jpeft_activations or args.jpeft_dtype,
         "remat": remat,
         "chunk": chunk,
         "qlora_compute": args.qlora_compute,

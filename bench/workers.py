@@ -143,8 +143,9 @@ def run_jpeft(spec: dict) -> dict:
         )
     else:
         model, params = jpeft.models.from_pretrained(spec["model_path"], dtype=dtype)
-    remat = opts["remat"]
-    model = dataclasses.replace(model, remat=None if remat in (None, "none") else remat)
+    remat = None if opts["remat"] in (None, "none") else opts["remat"]
+    activations = opts.get("activations", opts["dtype"])
+    model = dataclasses.replace(model, remat=remat, activation_dtype=activations)
     result["load_s"] = time.perf_counter() - t0
     c = model.config
     result["dims"] = dict(

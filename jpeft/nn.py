@@ -107,8 +107,9 @@ def shape(w: Any) -> tuple[int, ...]:
 def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
     """``x @ w + bias`` for ``x: [..., in]`` and a weight ``w: [in, out]`` (or a node).
 
-    The product runs in ``x``'s dtype (the compute dtype); a frozen weight stored in another
-    dtype is cast inside the jitted computation, never in the parameter tree.
+    The result is in ``x``'s dtype (the activations'); the product reads both operands in
+    the narrower of their dtypes (:func:`jpeft.matmul.product_dtype`), cast inside the
+    jitted computation, never in the parameter tree.
     """
     rule = _rule("linear", w)
     y = rule(x, w) if rule is not None else matmul.matmul(x, w)
@@ -156,13 +157,14 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
     XLA:CPU keeps a transposed copy of the whole table alive through the chunked loss
     (113 MiB of temporaries for SmolLM2's 49152 x 576 table; bench/README.md); this form
     reads the table as it is stored and transposes only the ``[v, tokens]`` product. A
-    narrower dtype takes :func:`jpeft.matmul.matmul_transposed` (float32 sums, one product
-    contracting both last axes).
+    product in a narrower dtype takes :func:`jpeft.matmul.matmul_transposed` (float32 sums,
+    one product contracting both last axes).
     """
     rule = _rule("attend", table)
     if rule is not None:
         return rule(x, table)
-    if jax.default_backend() != "cpu" or matmul.narrow(x.dtype):
+    narrow_product = matmul.narrow(matmul.product_dtype(x.dtype, table.dtype))
+    if jax.default_backend() != "cpu" or narrow_product:
         return matmul.matmul_transposed(x, table)
     table = table.astype(x.dtype)
     rows = x.reshape(-1, x.shape[-1])

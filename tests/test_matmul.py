@@ -87,6 +87,29 @@ def test_transposed_product_and_gradients(dtype):
         np.testing.assert_allclose(f32(got), expected, rtol=ulp, atol=ulp * np.abs(expected).max())
 
 
+def test_float32_input_reads_a_narrow_weight_narrow():
+    """A float32 ``x`` with a bfloat16 weight: the product of ``x`` rounded to bfloat16 and
+    the weight, summed and returned in float32, as is ``x``'s gradient (of the cotangent
+    rounded to bfloat16); the weight's gradient is bfloat16, and the weight is never widened
+    to a float32 copy."""
+    x, _, g = _operands(jnp.float32)
+    w = _operands(BF16)[1]
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    rounded = lambda a: f32(jnp.asarray(a).astype(BF16))  # noqa: E731
+    y, vjp = jax.vjp(matmul.matmul, x, w)
+    d_x, d_w = vjp(g)
+    assert (y.dtype, d_x.dtype, d_w.dtype) == (jnp.float32, jnp.float32, BF16)
+    rows, g_rows = rounded(x).reshape(-1, x.shape[-1]), rounded(g).reshape(-1, g.shape[-1])
+    np.testing.assert_allclose(f32(y), (rows @ f32(w)).reshape(y.shape), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(f32(d_x), (g_rows @ f32(w).T).reshape(x.shape), rtol=1e-6,
+                               atol=1e-5)
+    want_dw = rows.T @ g_rows
+    ulp = float(jnp.finfo(BF16).eps)
+    np.testing.assert_allclose(f32(d_w), want_dw, rtol=ulp, atol=ulp * np.abs(want_dw).max())
+    forward = str(jax.make_jaxpr(matmul.matmul)(x, w))
+    assert "f32[40,16]" not in forward and "bf16[40,16]" in forward
+
+
 def test_stacked_weights_take_the_plain_product():
     """A weight with leading axes (a bank of adapters) is left to ``@``."""
     x = jnp.ones((2, 3, 8), BF16)
@@ -142,3 +165,64 @@ def test_bfloat16_llama_is_as_close_to_float32_as_torch_bfloat16(tmp_path):
                                           for x in jax.tree.leaves(tree))))
     difference = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, got, high)
     assert norm(difference) <= 0.05 * norm(high)
+
+
+def test_float32_activations_over_a_bfloat16_base(tmp_path):
+    """``activation_dtype="float32"`` over a bfloat16 base and LoRA: float32 logits, closer
+    to the float32 computation of the same (bfloat16) weights than bfloat16 activations
+    are, and so are the factors' gradients; only the products' inputs are rounded. Seen
+    over three seeds: logits 0.45-0.59x of bfloat16 activations' distance, gradients
+    0.47-0.55x; asserted at most 0.75x."""
+    import dataclasses
+
+    import hf_models
+
+    import jpeft
+    from jpeft import lora
+
+    hf_models.make("llama", tmp_path, initializer_range=0.2)
+    ids = np.random.default_rng(0).integers(0, 97, (2, 12)).astype(np.int32)
+    model, base = jpeft.models.from_pretrained(tmp_path, dtype=BF16)
+    params = lora.apply(base, rank=4, targets="all-linear", key=jax.random.key(0),
+                        init_lora_weights=False)  # A and B random: every factor has a gradient
+    widened = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == BF16 else a, params)
+    wide = dataclasses.replace(model, activation_dtype="float32")
+    assert wide.activation_dtype == jnp.float32
+    reference = np.asarray(jax.jit(model)(widened, ids))
+    cotangent = jax.random.normal(jax.random.key(4), reference.shape)
+
+    def gradients(m, params):
+        trainable, frozen = jpeft.split(params)
+        def loss(t):
+            return jnp.sum(m(jpeft.combine(t, frozen), ids).astype(jnp.float32) * cotangent)
+        return jax.jit(jax.grad(loss))(trainable)
+
+    def norm(tree):
+        return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float32)))
+                                 for x in jax.tree.leaves(tree))))
+
+    high = gradients(model, widened)
+    logits_error, gradient_error = {}, {}
+    for name, m in [("bfloat16", model), ("float32", wide)]:
+        logits = jax.jit(m)(params, ids)
+        assert logits.dtype == name
+        logits_error[name] = np.abs(np.asarray(logits, np.float32) - reference).max()
+        difference = jax.tree.map(lambda a, b: a - b, gradients(m, params), high)
+        gradient_error[name] = norm(difference) / norm(high)
+    assert logits_error["float32"] <= 0.75 * logits_error["bfloat16"]
+    assert gradient_error["float32"] <= 0.75 * gradient_error["bfloat16"]
+
+
+def test_activation_dtype_must_be_a_float_dtype(tmp_path):
+    import dataclasses
+
+    import hf_models
+
+    import jpeft
+
+    hf_models.make("llama", tmp_path)
+    model, _ = jpeft.models.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_dtype must be a float dtype, got int32"):
+        dataclasses.replace(model, activation_dtype="int32")
+    with pytest.raises(TypeError):
+        dataclasses.replace(model, activation_dtype="floaty")
