@@ -316,9 +316,9 @@ def test_bad_options_are_refused_with_the_value_named(tiny):
 
 
 def test_the_cli_trains_and_generates_and_refuses_to_merge(tmp_path, capsys):
-    import test_cli
+    import cli_fixtures
 
-    tiny = test_cli.make_tiny_chat_model(tmp_path)
+    tiny = cli_fixtures.make_tiny_chat_model(tmp_path)
     out = tmp_path / "run"
     argv = ["train", tiny["model"], "--method", "bottleneck", "--data", tiny["data"], "--out", out,
             "--mh-adapter", "--reduction-factor", "4", "--non-linearity", "swish",

@@ -1,51 +1,35 @@
 """The ``jpeft`` command line, run in-process through ``jpeft.cli.main`` on a tiny random
-Llama with a tiny byte-level BPE tokenizer (real transformers tokenizer and chat template)."""
+Llama with a tiny byte-level BPE tokenizer (real transformers tokenizer and chat template,
+from :mod:`cli_fixtures`): one training run that the later tests inspect and build on
+(resume, NaN guard, generate, merge, export and import, inspect)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
 import transformers
+from cli_fixtures import (  # noqa: F401  (tiny is a fixture)
+    BAD_ROW,
+    TRAIN_STEPS,
+    adapted,
+    adapter_arrays,
+    hf_logits,
+    run,
+    tiny,
+    token_ids,
+    train_args,
+)
 
 import jpeft
-from jpeft import checkpoint, cli, lora, lora_combination, train, train_state, trainer
+from jpeft import checkpoint, cli, lora, train, train_state, trainer
 from jpeft.hf import peft_format
-
-ANIMALS = [
-    "cat",
-    "dog",
-    "fox",
-    "owl",
-    "bee",
-    "cow",
-    "pig",
-    "rat",
-    "hen",
-    "elk",
-    "ant",
-    "bat",
-    "yak",
-    "emu",
-    "eel",
-    "ram",
-]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-BAD_ROW = 3  # a chat without an assistant turn
 
 
 pytestmark = [
@@ -54,146 +38,14 @@ pytestmark = [
 ]
 
 
-def _rows() -> list[dict]:
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"where is the {a}"},
-                {"role": "assistant", "content": f"the {a} sat on the mat"},
-            ]
-        }
-        for a in ANIMALS
-    ]
-    rows[BAD_ROW] = {"messages": [{"role": "user", "content": "where is the cat"}]}
-    return rows
-
-
-def _tokenizer(folder):
-    """A byte-level BPE tokenizer trained on the data's words, with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    words = " ".join(ANIMALS) + " where is the sat on mat user assistant system"
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(
-        [words] * 4,
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    return fast
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
-
-
-def make_tiny_chat_model(root) -> dict:
-    """A tiny random Llama folder with a tokenizer under `root`, and a chat dataset with one
-    bad row: ``{"root", "model", "data"}``."""
-    model_dir = root / "model"
-    tokenizer = _tokenizer(model_dir)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        pad_token_id=0,
-        initializer_range=0.2,
-    )  # logits of a useful range: the frozen head can fit the data
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(model_dir)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in _rows()))
-    return {"root": root, "model": model_dir, "data": data}
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    """``jpeft *argv`` in-process: ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _config_file(tiny, tmp_path) -> str:
-    """Options from a YAML file: several dash/underscore spellings, a YAML string number."""
-    path = tmp_path / "run.yaml"
-    path.write_text(
-        f"model: {tiny['model']}\n"
-        f"data: {tiny['data']}\n"
-        "rank: 4\nalpha: 8\ntargets: all-linear\n"
-        "lr: 3e-2\n"  # YAML reads 3e-2 as a string; the CLI parses it as --lr does
-        "warmup-steps: 2\n"
-        "max_steps: 5\n"  # overridden on the command line
-        "batch_size: 4\neval_split: 0.25\neval_every: 10\nsave_every: 10\nbucket: 32\n"
-        "progress: false\n"
-    )
-    return str(path)
-
-
-TRAIN_STEPS = 30
-
-
-def _train_args(tiny, tmp_path, out) -> list[str]:
-    return [
-        "train",
-        "--config",
-        _config_file(tiny, tmp_path),
-        "--out",
-        out,
-        "--max-steps",
-        str(TRAIN_STEPS),
-    ]
-
-
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """One ``jpeft train`` run that the later tests inspect and build on."""
     work = tmp_path_factory.mktemp("trained")
     out = work / "run"
-    code, stdout, stderr = run(*_train_args(tiny, work, out))
+    code, stdout, stderr = run(*train_args(tiny, work, out))
     assert code == 0, stderr
     return {"out": out, "stdout": stdout, "stderr": stderr, "work": work}
-
-
-def _adapted(tiny, adapter):
-    """jpeft's model and its tree with `adapter` loaded (a jpeft or HF PEFT folder)."""
-    model, base = jpeft.models.from_pretrained(tiny["model"])
-    if (adapter / peft_format.CONFIG_FILE).exists():
-        return model, peft_format.import_peft(base, adapter)
-    return model, checkpoint.load_adapter(base, adapter)
-
-
-def _ids(tiny):
-    tokenizer = jpeft.models.load_tokenizer(tiny["model"])
-    return np.array(
-        [tokenizer("where is the fox")["input_ids"] + tokenizer("the ram sat on")["input_ids"]],
-        np.int32,
-    )
-
-
-def _adapter_arrays(params):
-    return {
-        "/".join(map(str, (*keys, f))): np.asarray(getattr(node, f))
-        for keys, node in jpeft.tree.iter_nodes(lora.extract(params))
-        for f in ("a", "b", "scale")
-    }
 
 
 # ----------------------------------------------------------------------------- train
@@ -251,7 +103,7 @@ def _stop_during_step(monkeypatch, call: int) -> None:
 
 def test_ctrl_c_saves_then_resume_finishes_the_same_run(trained, tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    args = _train_args(tiny, tmp_path, out)
+    args = train_args(tiny, tmp_path, out)
     _stop_during_step(monkeypatch, 7)
     code, _, stderr = run(*args)
     monkeypatch.undo()
@@ -272,8 +124,8 @@ def test_ctrl_c_saves_then_resume_finishes_the_same_run(trained, tiny, tmp_path,
     assert steps == list(range(1, TRAIN_STEPS + 1))
     # Bitwise the adapter of the run that was never stopped.
     model, base = jpeft.models.from_pretrained(tiny["model"])
-    resumed = _adapter_arrays(checkpoint.load_adapter(base, out / "adapter"))
-    straight = _adapter_arrays(checkpoint.load_adapter(base, trained["out"] / "adapter"))
+    resumed = adapter_arrays(checkpoint.load_adapter(base, out / "adapter"))
+    straight = adapter_arrays(checkpoint.load_adapter(base, trained["out"] / "adapter"))
     assert resumed.keys() == straight.keys()
     for name, value in straight.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
@@ -341,7 +193,7 @@ def test_generate_with_and_without_an_adapter(trained, tiny):
     assert "--- prompt 2: where is the owl" in tuned_out
 
     # The same text as the library gives.
-    model, params = _adapted(tiny, trained["out"] / "adapter")
+    model, params = adapted(tiny, trained["out"] / "adapter")
     tokenizer = jpeft.models.load_tokenizer(tiny["model"])
     chats = [[{"role": "user", "content": p}] for p in ("where is the fox", "where is the owl")]
     answers = jpeft.generate(model, params, tokenizer, chats, max_new_tokens=8)
@@ -357,11 +209,6 @@ def test_generate_with_and_without_an_adapter(trained, tiny):
 # ----------------------------------------------------------------------------- merge
 
 
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
-
-
 def test_merge_writes_a_folder_transformers_loads(trained, tiny, tmp_path):
     code, stdout, stderr = run(
         "merge",
@@ -374,13 +221,13 @@ def test_merge_writes_a_folder_transformers_loads(trained, tiny, tmp_path):
     assert code == 0, stderr
     assert "merged" in stdout
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    model, params = _adapted(tiny, trained["out"] / "adapter")
-    ids = _ids(tiny)
+    model, params = adapted(tiny, trained["out"] / "adapter")
+    ids = token_ids(tiny)
     expected = np.asarray(model(lora.merge(params), ids))
-    np.testing.assert_allclose(_hf_logits(loaded, ids), expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(hf_logits(loaded, ids), expected, rtol=0, atol=1e-4)
     # The adapter changed the model, and the tokenizer came along.
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
-    assert np.abs(_hf_logits(base, ids) - expected).max() > 1e-2
+    assert np.abs(hf_logits(base, ids) - expected).max() > 1e-2
     merged = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
     original = jpeft.models.load_tokenizer(tiny["model"])
     text = "where is the fox"
@@ -404,109 +251,10 @@ def test_merge_from_gguf(trained, tiny, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     model, base = jpeft.models.from_pretrained(gguf_file)
     params = peft_format.import_peft(base, trained["out"] / "hf_adapter")
-    ids = _ids(tiny)
+    ids = token_ids(tiny)
     np.testing.assert_allclose(
-        _hf_logits(loaded, ids), np.asarray(model(lora.merge(params), ids)), rtol=0, atol=1e-4
+        hf_logits(loaded, ids), np.asarray(model(lora.merge(params), ids)), rtol=0, atol=1e-4
     )
-
-
-@pytest.fixture(scope="module")
-def two_adapters(tiny, tmp_path_factory):
-    """Two random LoRA adapters over the tiny model, one in each format: ``{"x", "y"}``."""
-    work = tmp_path_factory.mktemp("two_adapters")
-    _, base = jpeft.models.from_pretrained(tiny["model"])
-    x = lora.apply(base, rank=4, targets=["q_proj", "v_proj"], init_lora_weights=False,
-                   key=jax.random.key(1))  # fmt: skip
-    y = lora.apply(base, rank=4, alpha=8, targets=["q_proj", "o_proj"], init_lora_weights=False,
-                   key=jax.random.key(2))  # fmt: skip
-    checkpoint.save_adapter(x, work / "x")
-    jpeft.hf.export_peft(y, work / "y")
-    return {"x": work / "x", "y": work / "y"}
-
-
-def _combined(tiny, two_adapters, weights, **options):
-    """What the library makes of the two adapters as the CLI reads them."""
-    trees = [_adapted(tiny, two_adapters[n])[1] for n in ("x", "y")]
-    return lora_combination.combine(trees, weights, **options)
-
-
-def test_merge_combines_named_adapters_into_one_adapter(tiny, two_adapters, tmp_path):
-    x, y = f"x={two_adapters['x']}", f"y={two_adapters['y']}"
-    out = tmp_path / "combined"
-    code, stdout, stderr = run(
-        "merge", tiny["model"], "--adapter", x, "--adapter", y, "--weights", "0.7,-0.3",
-        "--combination", "ties", "--density", "0.5", "--out", out,
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert f"ties combination of x, y (weights [0.7, -0.3]) as the jpeft adapter {out}" in stdout
-    model, base = jpeft.models.from_pretrained(tiny["model"])
-    written = checkpoint.load_adapter(base, out)
-    expected = _combined(tiny, two_adapters, [0.7, -0.3], combination_type="ties", density=0.5)
-    ours, theirs = _adapter_arrays(written), _adapter_arrays(expected)
-    assert set(ours) == set(theirs) and len(ours) == 3 * 3  # q, v and o, each a, b, scale
-    for name, value in theirs.items():
-        np.testing.assert_array_equal(ours[name], value, err_msg=name)
-    config = checkpoint.read_adapter_metadata(out)["config"]
-    assert config["adapters"] == {"x": str(two_adapters["x"]), "y": str(two_adapters["y"])}
-    assert config["density"] == 0.5 and config["base_model_name_or_path"] == str(tiny["model"])
-    # Unnamed folders are named after themselves; weights default to 1 each.
-    code, stdout, stderr = run(
-        "merge", tiny["model"], "--adapter", two_adapters["x"], "--adapter", two_adapters["y"],
-        "--combination", "cat", "--out", tmp_path / "cat",
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert "cat combination of x, y (weights [1.0, 1.0])" in stdout
-
-
-def test_merge_full_folds_a_dare_combination_into_the_model(tiny, two_adapters, tmp_path):
-    code, stdout, stderr = run(
-        "merge", tiny["model"], "--adapter", f"x={two_adapters['x']}", "--adapter",
-        f"y={two_adapters['y']}", "--weights", "0.5,0.5", "--combination", "dare_linear",
-        "--density", "0.5", "--seed", "3", "--full", "--out", tmp_path / "merged",
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert "merged" in stdout
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    combined = _combined(tiny, two_adapters, [0.5, 0.5], combination_type="dare_linear",
-                         density=0.5, key=jax.random.key(3))  # fmt: skip
-    model, _ = jpeft.models.from_pretrained(tiny["model"])
-    ids = _ids(tiny)
-    expected = np.asarray(model(lora.merge(combined), ids))
-    np.testing.assert_allclose(_hf_logits(loaded, ids), expected, rtol=0, atol=1e-4)
-    other = _combined(tiny, two_adapters, [0.5, 0.5], combination_type="dare_linear",
-                      density=0.5, key=jax.random.key(4))  # fmt: skip
-    assert np.abs(np.asarray(model(lora.merge(other), ids)) - expected).max() > 1e-3  # seeded
-
-
-def test_merge_combination_bad_input_names_the_problem(tiny, two_adapters, tmp_path):
-    x, y = f"x={two_adapters['x']}", f"y={two_adapters['y']}"
-    model, out = tiny["model"], tmp_path / "out"
-    cases = [
-        (["--adapter", x, "--adapter", y, "--weights", "0.7"], "--weights 0.7: 1 weights for 2"),
-        (["--adapter", x, "--adapter", y, "--weights", "a,b"], "expected numbers separated"),
-        (["--adapter", x, "--adapter", f"x={two_adapters['y']}"], "two adapters are named 'x'"),
-        (["--adapter", x, "--density", "0.5"], "--density apply only when combining adapters"),
-        (["--adapter", x, "--adapter", y, "--combination", "ties"],
-         f"needs density in \\[0, 1\\] \\(adapter 0 is {re.escape(x)}, 1 is {re.escape(y)}\\)"),
-        (["--adapter", "x="], "expected NAME=DIR"),
-    ]  # fmt: skip
-    for argv, message in cases:
-        code, _, stderr = run("merge", model, *argv, "--out", out)
-        assert code == cli.EXIT_BAD_INPUT, argv
-        assert re.search(message, stderr), (argv, stderr)
-    assert not out.exists()
-
-
-def test_named_adapter_specs():
-    from jpeft.cli import common
-
-    assert common.parse_named_adapter("math=out/math") == ("math", "out/math")
-    assert common.parse_named_adapter("out/run/adapter") == (None, "out/run/adapter")
-    assert common.parse_named_adapter("out/lr=1e-3/adapter") == (None, "out/lr=1e-3/adapter")
-    assert common.named_adapters(["a=one/adapter", "two/adapter"]) == {
-        "a": "one/adapter",
-        "adapter": "two/adapter",
-    }
 
 
 # ----------------------------------------------------------------------------- export / import
@@ -525,10 +273,10 @@ def test_export_hf_loads_in_peft(trained, tiny, tmp_path):
     assert peft_format.CONFIG_FILE in stdout
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "hf").eval()
-    model, params = _adapted(tiny, trained["out"] / "adapter")
-    ids = _ids(tiny)
+    model, params = adapted(tiny, trained["out"] / "adapter")
+    ids = token_ids(tiny)
     np.testing.assert_allclose(
-        _hf_logits(peft_model, ids), np.asarray(model(params, ids)), rtol=0, atol=1e-4
+        hf_logits(peft_model, ids), np.asarray(model(params, ids)), rtol=0, atol=1e-4
     )
     config = json.loads((tmp_path / "hf" / peft_format.CONFIG_FILE).read_text())
     assert config["base_model_name_or_path"] == str(tiny["model"])  # recorded at training
@@ -544,9 +292,9 @@ def test_import_hf_round_trip(trained, tiny, tmp_path):
         tmp_path / "imported",
     )
     assert code == 0, stderr
-    _, imported = _adapted(tiny, tmp_path / "imported")
-    _, original = _adapted(tiny, trained["out"] / "adapter")
-    imported, original = _adapter_arrays(imported), _adapter_arrays(original)
+    _, imported = adapted(tiny, tmp_path / "imported")
+    _, original = adapted(tiny, trained["out"] / "adapter")
+    imported, original = adapter_arrays(imported), adapter_arrays(original)
     assert imported.keys() == original.keys()
     for name, value in original.items():
         np.testing.assert_array_equal(imported[name], value, err_msg=name)
@@ -577,7 +325,7 @@ def _inspect_json(path):
 
 def test_inspect_each_kind_of_path(trained, tiny, tmp_path):
     out = trained["out"]
-    model, params = _adapted(tiny, out / "adapter")
+    model, params = adapted(tiny, out / "adapter")
     trainable = jpeft.count_parameters(params)[0]
 
     info = _inspect_json(out / "adapter")
@@ -630,124 +378,3 @@ def test_inspect_each_kind_of_path(trained, tiny, tmp_path):
     assert "model.layers.self_attn.q_proj.weight  lora  a [2, 32, 4] float32" in text
     code, text, _ = run("inspect", tmp_path / "tiny.gguf")
     assert code == 0 and "blk.*.attn_q.weight" in text and "x2" in text
-
-
-# ----------------------------------------------------------------------------- help and errors
-
-
-def test_help_of_every_command_describes_every_flag(capsys):
-    parser = cli.build_parser()
-    (commands,) = parser._subparsers._group_actions  # the sub-command action
-    assert set(commands.choices) == {
-        "train",
-        "generate",
-        "merge",
-        "export-hf",
-        "import-hf",
-        "inspect",
-        "bench",
-    }
-    assert cli.main(["--help"]) == 0
-    top = capsys.readouterr().out
-    for name, sub in commands.choices.items():
-        assert name in top
-        assert cli.main([name, "--help"]) == 0
-        text = " ".join(capsys.readouterr().out.split())
-        for action in sub._actions:
-            for flag in action.option_strings:
-                assert flag in text, (name, flag)
-            if action.help and action.dest != "help":
-                words = " ".join(action.help.split())
-                assert "default" in words or "required" in words or not action.option_strings, (
-                    name,
-                    action.dest,
-                )
-    code = subprocess.run(
-        [sys.executable, "-m", "jpeft", "train", "--help"], capture_output=True, text=True
-    ).returncode
-    assert code == 0
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing model",
-        "missing data",
-        "unknown config key",
-        "not an adapter",
-        "targets match nothing",
-        "missing path",
-        "eval twice",
-        "no model",
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(case, tiny, tmp_path):
-    model, data = tiny["model"], tiny["data"]
-    out = tmp_path / "out"
-    argv, expected = {
-        "missing model": (
-            ["train", tmp_path / "nope", "--data", data, "--out", out],
-            "does not exist",
-        ),
-        "missing data": (
-            ["train", model, "--data", tmp_path / "nope.jsonl", "--out", out],
-            "nope.jsonl does not exist",
-        ),
-        "unknown config key": (
-            ["train", "--config", _bad_config(tmp_path, tiny), "--out", out],
-            "unknown keys: learning_rat, optimiser",
-        ),
-        "not an adapter": (
-            ["generate", model, "--adapter", tmp_path, "--prompt", "hi"],
-            "neither a jpeft adapter",
-        ),
-        "targets match nothing": (
-            ["train", model, "--data", data, "--out", out, "--targets", "qq_proj"],
-            "qq_proj",
-        ),
-        "missing path": (["inspect", tmp_path / "nothing"], "nothing does not exist"),
-        "eval twice": (
-            [
-                "train",
-                model,
-                "--data",
-                data,
-                "--out",
-                out,
-                "--eval-data",
-                data,
-                "--eval-split",
-                "0.1",
-            ],
-            "not both",
-        ),
-        "no model": (["train", "--data", data, "--out", out], "train needs MODEL"),
-    }[case]
-    code, stdout, stderr = run(*argv)
-    assert code == 2
-    assert stderr.startswith("jpeft: error: ") and expected in stderr, stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-
-
-def _bad_config(tmp_path, tiny):
-    path = tmp_path / "bad.json"
-    path.write_text(
-        json.dumps(
-            {
-                "model": str(tiny["model"]),
-                "data": str(tiny["data"]),
-                "learning_rat": 1e-3,
-                "optimiser": "adam",
-                "rank": 4,
-            }
-        )
-    )
-    return path
-
-
-def test_distributed_flags_go_to_jpeft_distributed(tiny, tmp_path):
-    args = ["train", tiny["model"], "--data", tiny["data"], "--out", tmp_path / "out"]
-    # Half a multi-host set-up: jpeft.distributed names what is missing.
-    code, _, stderr = run(*args, "--coordinator", "127.0.0.1:1234")
-    assert code == 2 and stderr.startswith("jpeft: error: ") and "num_processes" in stderr
-    assert "Traceback" not in stderr

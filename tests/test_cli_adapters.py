@@ -10,7 +10,7 @@ import re
 
 import jax
 import pytest
-from test_cli import run, tiny  # noqa: F401  (tiny is a fixture)
+from cli_fixtures import run, tiny  # noqa: F401  (tiny is a fixture)
 
 import jpeft
 from jpeft import ia3, lora, prompt_tuning, tree

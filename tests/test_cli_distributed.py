@@ -10,9 +10,9 @@ import shutil
 import socket
 import sys
 
+import cli_fixtures
 import numpy as np
 import pytest
-import test_cli
 from test_parallel import _environment, _run
 
 import jpeft
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.xdist_group("test_cli_distributed")  # one reference ru
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return test_cli.make_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
+    return cli_fixtures.make_tiny_chat_model(tmp_path_factory.mktemp("tiny"))
 
 
 def _train(tiny, out, *extra: str) -> list[str]:
@@ -126,6 +126,14 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(tiny, tmp_path,
     import jax
 
     monkeypatch.setattr(jax, "device_count", lambda: 3)  # as under 3 forced CPU devices
-    code, _, stderr = test_cli.run(*_train(tiny, tmp_path / "run")[3:])
+    code, _, stderr = cli_fixtures.run(*_train(tiny, tmp_path / "run")[3:])
     assert code == 2
     assert "batch_size 4 must be a multiple of the number of devices (3" in stderr
+
+
+def test_distributed_flags_go_to_jpeft_distributed(tiny, tmp_path):
+    args = ["train", tiny["model"], "--data", tiny["data"], "--out", tmp_path / "out"]
+    # Half a multi-host set-up: jpeft.distributed names what is missing.
+    code, _, stderr = cli_fixtures.run(*args, "--coordinator", "127.0.0.1:1234")
+    assert code == 2 and stderr.startswith("jpeft: error: ") and "num_processes" in stderr
+    assert "Traceback" not in stderr

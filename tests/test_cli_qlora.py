@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 import transformers
-from test_cli import _train_args, run, tiny  # noqa: F401  (tiny is a fixture)
+from cli_fixtures import run, tiny, train_args  # noqa: F401  (tiny is a fixture)
 
 import jpeft
 from jpeft import lora, qlora
@@ -30,7 +30,7 @@ def quantized_run(tiny, tmp_path_factory):  # noqa: F811
     work = tmp_path_factory.mktemp("qlora")
     out = work / "run"
     code, stdout, stderr = run(
-        *_train_args(tiny, work, out), "--quantize", "nf4", "--block-size", "32"
+        *train_args(tiny, work, out), "--quantize", "nf4", "--block-size", "32"
     )
     assert code == 0, stderr
     return {"out": out, "stdout": stdout, "work": work}
@@ -49,7 +49,7 @@ def test_train_quantizes_the_base_and_trains_the_adapter_over_it(tiny, quantized
     assert isinstance(q_proj, lora.LoraWeight) and isinstance(q_proj.w, nf4.NF4Weight)
     # the same run over the float base ends elsewhere: the 4-bit base was what trained
     float_out = quantized_run["work"] / "float"
-    code, _, stderr = run(*_train_args(tiny, quantized_run["work"], float_out))
+    code, _, stderr = run(*train_args(tiny, quantized_run["work"], float_out))
     assert code == 0, stderr
     _, float_base = jpeft.models.from_pretrained(tiny["model"])
     float_adapted = jpeft.load_adapter(float_base, float_out / "adapter")
@@ -89,11 +89,11 @@ def test_generate_merge_and_export_take_the_quantized_runs_adapter(tiny, quantiz
 
 def test_bad_quantization_options_are_named(tiny, tmp_path):  # noqa: F811
     code, _, stderr = run(
-        *_train_args(tiny, tmp_path, tmp_path / "run"), "--quantize", "nf4", "--block-size", "48"
+        *train_args(tiny, tmp_path, tmp_path / "run"), "--quantize", "nf4", "--block-size", "48"
     )
     assert code == 2
     assert "block size 48 is not supported" in stderr
-    code, _, stderr = run(*_train_args(tiny, tmp_path, tmp_path / "run"), "--quantize", "int4")
+    code, _, stderr = run(*train_args(tiny, tmp_path, tmp_path / "run"), "--quantize", "int4")
     assert code == 2 and "invalid choice: 'int4'" in stderr
 
 

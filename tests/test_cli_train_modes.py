@@ -9,7 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_cli import make_tiny_chat_model, run
+from cli_fixtures import make_tiny_chat_model, run
 
 import jpeft
 from jpeft import checkpoint, data, train

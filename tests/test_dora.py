@@ -20,7 +20,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-from test_cli import make_tiny_chat_model, run
+from cli_fixtures import make_tiny_chat_model, run
 from test_qlora import _load_bnb, tiny64  # noqa: F401  (tiny64 is a fixture)
 
 import jpeft

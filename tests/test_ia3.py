@@ -171,9 +171,9 @@ def test_a_peft_made_adapter_imports_with_peft_logits_and_exports_back(kind, con
 
 
 def test_the_cli_trains_generates_merges_and_exports(tmp_path, capsys):
-    import test_cli
+    import cli_fixtures
 
-    tiny = test_cli.make_tiny_chat_model(tmp_path)
+    tiny = cli_fixtures.make_tiny_chat_model(tmp_path)
     out = tmp_path / "run"
     argv = ["train", tiny["model"], "--method", "ia3", "--data", tiny["data"], "--out", out]
     extra = ["--targets", "q_proj,v_proj,down_proj", "--max-steps", "3", "--batch-size", "4",

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from kill_worker import _trees
-from test_cli import make_tiny_chat_model, run
+from cli_fixtures import make_tiny_chat_model, run
 
 import jpeft
 from jpeft import checkpoint, lora, train_state, tree

@@ -196,11 +196,11 @@ def registered():
 
 
 def test_the_cli_trains_a_registered_method_it_does_not_know(registered, tmp_path, capsys):
-    import test_cli
+    import cli_fixtures
 
     from jpeft import cli
 
-    tiny = test_cli.make_tiny_chat_model(tmp_path)
+    tiny = cli_fixtures.make_tiny_chat_model(tmp_path)
     model_dir, data = tiny["model"], tiny["data"]
 
     assert cli.main(["train", "--method", registered.name, "--help"]) == 0

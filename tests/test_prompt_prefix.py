@@ -300,9 +300,9 @@ def test_learned_positions_are_not_overrun_by_virtual_tokens(tmp_path):
 
 @pytest.mark.parametrize("method,kind", [("prompt", "prompt_tuning"), ("prefix", "prefix_tuning")])
 def test_the_cli_trains_generates_exports_and_imports(method, kind, tmp_path, capsys):
-    import test_cli
+    import cli_fixtures
 
-    tiny = test_cli.make_tiny_chat_model(tmp_path)
+    tiny = cli_fixtures.make_tiny_chat_model(tmp_path)
     out = tmp_path / "run"
     argv = ["train", tiny["model"], "--method", method, "--data", tiny["data"], "--out", out]
     extra = ["--num-virtual-tokens", "4", "--max-steps", "3", "--batch-size", "4", "--no-progress"]
