@@ -1,4 +1,5 @@
-"""``jpeft train --dtype bfloat16`` and ``--pack`` end to end on the tiny chat model: each
+"""``jpeft train --dtype bfloat16`` (with and without ``--activations float32``) and ``--pack``
+end to end on the tiny chat model: each
 changes what the run computes (not only what it parses), the adapter still trains, and the
 adapter is usable afterwards."""
 
@@ -26,9 +27,17 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
-    """``name -> (out folder, metrics records)`` for a float32, a bfloat16 and a packed run."""
+    """``name -> (out folder, metrics records)`` for a float32, a bfloat16, a bfloat16 run
+    with float32 activations and a packed run."""
     work = tmp_path_factory.mktemp("runs")
-    variants = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "packed": ["--pack"]}
+    variants = {
+        "float32": [],
+        "bfloat16": ["--dtype", "bfloat16"],
+        "float32 activations": [
+            "--dtype", "bfloat16", "--activations", "float32", "--remat", "save_matmuls"
+        ],
+        "packed": ["--pack"],
+    }  # fmt: skip
     results = {}
     for name, extra in variants.items():
         out = work / name
@@ -47,7 +56,7 @@ def _losses(records) -> list[float]:
     return [r["loss"] for r in records]
 
 
-@pytest.mark.parametrize("name", ["float32", "bfloat16", "packed"])
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "float32 activations", "packed"])
 def test_the_adapter_trains_and_loads(name, runs, tiny):
     out, records, _ = runs[name]
     losses = _losses(records)
@@ -72,6 +81,16 @@ def test_bfloat16_computes_with_a_bfloat16_base(runs):
     # be if --dtype did not reach the weights.
     assert bfloat16 != float32
     np.testing.assert_allclose(bfloat16, float32, rtol=BF16_LOSS_RTOL)
+
+
+def test_float32_activations_reach_the_computation(runs):
+    """Over the same bfloat16 base, float32 activations give another first loss than
+    bfloat16 ones, closer to the float32 run's (only the products' inputs are rounded)."""
+    float32, bfloat16, wide = (
+        _losses(runs[name][1])[0] for name in ("float32", "bfloat16", "float32 activations")
+    )
+    assert wide != bfloat16
+    assert abs(wide - float32) < abs(bfloat16 - float32)
 
 
 def test_pack_fills_rows_with_several_examples(runs, tiny):

@@ -56,6 +56,7 @@ def test_help_of_every_command_describes_every_flag(capsys):
         "missing path",
         "eval twice",
         "no model",
+        "unknown remat",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, tiny, tmp_path):
@@ -99,6 +100,10 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny, tmp_path):
             "not both",
         ),
         "no model": (["train", "--data", data, "--out", out], "train needs MODEL"),
+        "unknown remat": (
+            ["train", model, "--data", data, "--out", out, "--remat", "save_all"],
+            "--remat: unknown remat policy 'save_all'",
+        ),
     }[case]
     code, stdout, stderr = run(*argv)
     assert code == 2

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         model, base = load_model(model_path, output.dtype)
     else:
         model, base = _load_quantized(model_path, output)
+    model = _with_model_options(model, output)
     params = method.apply(
         base, config=method_config, key=jax.random.key(train_config.seed), model=model
     )
@@ -226,6 +227,15 @@ def _initialize_distributed(flags: DistributedOptions) -> None:
     distributed.initialize_distributed(
         flags.coordinator, num_processes=flags.num_processes, process_id=flags.process_id
     )
+
+
+def _with_model_options(model: Any, output: OutputOptions) -> Any:
+    """`model` with ``--remat`` and ``--activations``; a usage error for an unknown policy."""
+    remat = None if output.remat == "none" else output.remat
+    try:
+        return dataclasses.replace(model, remat=remat, activation_dtype=output.activations)
+    except ValueError as err:
+        raise UsageError(f"--remat: {err}") from None
 
 
 def _load_quantized(path: Path, output: OutputOptions) -> tuple[Any, dict]:
