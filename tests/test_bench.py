@@ -141,3 +141,33 @@ def test_a_gpu_report_tables_each_frameworks_device_memory():
     assert "| lora 4x256 | 1000 | 4000 | **0.25x** |" in lines
     assert "| long 1x2048 | 900 | - | **-** |" in lines
     assert gpu.render({**report, "device": "cpu"}) == []
+
+
+def test_interleaved_times_each_setting_in_turn(tmp_path, capsys):
+    import hf_models
+
+    from bench import interleaved
+
+    hf_models.make("llama", tmp_path)
+    settings = ["float32:float32:nothing_saveable", "bfloat16:float32:save_matmuls"]
+    argv = [*settings, "--model", str(tmp_path), "--batch", "2", "--seq", "8", "--rounds", "1"]
+    assert interleaved.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == settings
+    assert all(line.endswith("tokens/s") for line in lines)
+
+
+def test_report_table_of_a_committed_run():
+    """The Markdown of the float32-activations run (bench/results, 2026-12-07): jpeft's
+    ratios to HF PEFT per variant, and the jpeft options it ran with."""
+    import json
+    from pathlib import Path
+
+    from bench import report_table
+
+    stem = Path(__file__).parent.parent / "bench/results/20261207-122519_amd-epyc-2c_smollm2"
+    report = json.loads(Path(f"{stem}_bf16-f32-activations.json").read_text())
+    table = report_table.render(report)
+    assert "| lora | **jpeft / HF** | **0.99x** | 1.01x | **0.66x** |" in table
+    assert "| qlora | **jpeft / HF** | **1.10x** | 0.91x | **0.49x** |" in table
+    assert "frozen base `bfloat16`, activations `float32`, remat `save_matmuls`" in table
