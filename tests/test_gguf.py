@@ -223,3 +223,22 @@ def test_yarn_rope_scaling_is_refused_when_read(tmp_path):
     _write(path, "llama", metadata, {"token_embd.weight": np.zeros((8, 32), np.float32)})
     with pytest.raises(ValueError, match=r"yarn.gguf: GGUF rope scaling type 'yarn' is not"):
         read_gguf(path)
+
+
+def test_open_reader_parses_as_gguf_reader_does(smollm2_file):
+    """jpeft's reader (gguf's, over a plain view of the file's memory map) gives every
+    header field and every tensor's bytes of the real SmolLM2 file exactly as
+    ``gguf.GGUFReader`` does."""
+    from jpeft.hf.gguf import open_reader
+
+    ours, theirs = open_reader(smollm2_file), gguf.GGUFReader(smollm2_file)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert field.types == ours.fields[name].types, name
+        assert len(field.parts) == len(ours.fields[name].parts), name
+        for mine, want in zip(ours.fields[name].parts, field.parts, strict=True):
+            np.testing.assert_array_equal(mine, want, err_msg=name)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, want in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.tensor_type, mine.data_offset) == (want.tensor_type, want.data_offset)
+        np.testing.assert_array_equal(mine.data, want.data, err_msg=want.name)

@@ -155,6 +155,24 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[list[i
     return metadata, tensors
 
 
+class _Reader(GGUFReader):
+    """:class:`gguf.GGUFReader` over a plain ndarray view of the file's memory map.
+
+    The reader parses the header in one small slice of its ``data`` per number and string
+    (about 800,000 for SmolLM2's 49,152-token vocabulary and merges), and slicing an
+    ``np.memmap`` runs ``memmap.__array_finalize__`` each time: 2.0 s to open SmolLM2's
+    GGUF against 0.7 s over the plain view (2-core AMD EPYC Zen 4), the same fields and
+    tensors. The view reads the same mapped bytes."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain_data = value.view(np.ndarray)
+
+
 def open_reader(path: str | os.PathLike) -> GGUFReader:
     """Open and parse ``path``, turning I/O and parse failures into a
     :class:`CheckpointError` naming it.
@@ -172,7 +190,7 @@ def open_reader(path: str | os.PathLike) -> GGUFReader:
     if magic != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = GGUFReader(path)
+        reader = _Reader(path)
         _check_tensor_layout(reader, size)
     except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF file: {e}") from e
