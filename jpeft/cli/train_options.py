@@ -79,9 +79,9 @@ class OutputOptions:
     )
     activations: str | None = _unset(
         "dtype of the activations between the products (the residual stream, norms, "
-        "attention): float32 over a bfloat16 --dtype keeps them exact while each product "
-        "still reads bfloat16 operands (faster on CPUs with bfloat16 dot instructions, for "
-        "twice the activation memory)",
+        "attention): float32 over a bfloat16 --dtype keeps them in float32 while each product "
+        "still reads bfloat16 operands (faster on CPUs with bfloat16 dot instructions, with "
+        "--remat save_matmuls most of all, for twice the activation memory)",
         choices=DTYPES,
         shown_default="--dtype",
     )

@@ -117,8 +117,10 @@ class DecoderLM(abc.ABC):
         the products (norms, RoPE, attention, the loss's logits), or None for the embedding
         table's. ``"float32"`` over a bfloat16 frozen base keeps every activation in float32
         while each product still reads its weight, and its input rounded, in bfloat16
-        (:mod:`jpeft.matmul`): on a 2-core AMD EPYC Zen 4 this trained SmolLM2's LoRA about
-        12% faster than bfloat16 activations (bench/README.md), for twice their memory.
+        (:mod:`jpeft.matmul`), closer to float32 compute. On a 2-core AMD EPYC Zen 4 it
+        trained SmolLM2's LoRA 4% faster than bfloat16 activations, and 12% faster with
+        ``remat="save_matmuls"``, which float32 residuals make pay (bench/README.md), for
+        twice the activation memory and more.
     """
 
     config: Any
