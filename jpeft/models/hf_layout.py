@@ -8,7 +8,6 @@ writing a tree back for transformers, and the bitsandbytes 4-bit format
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -41,13 +40,24 @@ class HFEntry(NamedTuple):
     shape: tuple[int, ...]
 
 
-def to_jax(array: np.ndarray, transposed: bool, dtype: Any) -> jax.Array:
-    """An HF-layout numpy array as a jpeft leaf: transposed where the layout says so, and
-    floating arrays (bfloat16 too, which numpy sees as void) cast to `dtype`."""
+def to_host(array: np.ndarray, transposed: bool, dtype: Any) -> np.ndarray:
+    """An HF-layout numpy array in jpeft's layout, on the host: transposed where the layout
+    says so (a view), and floating arrays (bfloat16 too, which numpy sees as void) cast to
+    `dtype`, as :func:`jax.numpy.asarray` would cast them."""
     array = np.swapaxes(array, -1, -2) if transposed else array
     if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
-        return jnp.asarray(array, dtype=dtype)
-    return jnp.asarray(array)
+        return np.asarray(array, dtype=dtype)
+    return np.asarray(array)
+
+
+def to_jax(array: np.ndarray, transposed: bool, dtype: Any) -> jax.Array:
+    """:func:`to_host`'s array as a jpeft leaf, copied once into a buffer of its own (never
+    aliasing `array`, which may map a file). Not :func:`jax.numpy.asarray`, which compiles a
+    copy program for each shape."""
+    host = to_host(array, transposed, dtype)
+    owned = _aligned_empty(host.shape, host.dtype)
+    owned[...] = host
+    return jax.device_put(owned)
 
 
 def read(
@@ -112,24 +122,33 @@ def _read_stacked(
     transform: Callable[[tuple[str, ...], jax.Array], Any] | None,
 ) -> Any:
     """A stacked parameter built one layer at a time: each layer is read, converted (and
-    transformed, as a ``[1, ...]`` stack of one) and written into its slot of the stacked
-    result in place, so the host holds the result plus one layer, never a second stack."""
+    transformed, as a ``[1, ...]`` stack of one) and copied into its slot of a host stack,
+    which becomes the device array without a copy where it can (an aligned buffer on CPU),
+    so the host holds the result plus one layer, never a second stack. No program is
+    compiled for it (building the stack on the device compiled two per leaf shape, 30 in
+    all for a 4-bit Llama: 0.7 s of its 5 s load)."""
     stacked = None
-    for i in entry.layers:
-        layer = to_jax(np.asarray(tensors[entry.name.format(i)])[None], entry.transposed, dtype)
-        if transform is not None:
-            layer = transform(entry.path, layer)
+    for slot, i in enumerate(entry.layers):
+        array = np.asarray(tensors[entry.name.format(i)])
+        if transform is None:
+            layer = to_host(array, entry.transposed, dtype)[None]
+        else:
+            layer = transform(entry.path, to_jax(array[None], entry.transposed, dtype))
         if stacked is None:
             count = len(entry.layers)
-            stacked = jax.tree.map(lambda x: jnp.zeros((count, *x.shape[1:]), x.dtype), layer)
-        stacked = jax.tree.map(functools.partial(_put_layer, index=i), stacked, layer)
-    return stacked
+            stacked = jax.tree.map(lambda x: _aligned_empty((count, *x.shape[1:]), x.dtype), layer)
+        jax.tree.map(lambda s, x: s.__setitem__(slot, np.asarray(x)[0]), stacked, layer)
+    return jax.tree.map(jax.device_put, stacked)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-    """`stacked` with ``stacked[index] = layer[0]``, updated in place (donated)."""
-    return jax.lax.dynamic_update_slice_in_dim(stacked, layer, index, 0)
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np.ndarray:
+    """An uninitialised host array whose data starts on an `alignment`-byte boundary, which
+    :func:`jax.device_put` on a CPU takes without copying (numpy aligns to 16 bytes)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def write(model: Any, params: dict) -> dict[str, np.ndarray]:
