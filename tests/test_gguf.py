@@ -235,6 +235,7 @@ def test_open_reader_parses_as_gguf_reader_does(smollm2_file):
     assert list(ours.fields) == list(theirs.fields)
     for name, field in theirs.fields.items():
         assert field.types == ours.fields[name].types, name
+        assert field.data == ours.fields[name].data, name
         assert len(field.parts) == len(ours.fields[name].parts), name
         for mine, want in zip(ours.fields[name].parts, field.parts, strict=True):
             np.testing.assert_array_equal(mine, want, err_msg=name)

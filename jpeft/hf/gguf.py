@@ -24,9 +24,10 @@ import functools
 import math
 import os
 import re
+import sys
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from jpeft.hf.checkpoints import CheckpointError
@@ -171,6 +172,42 @@ class _Reader(GGUFReader):
     @data.setter
     def data(self, value: np.ndarray) -> None:
         self._plain_data = value.view(np.ndarray)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
+        """gguf's parts of a field; an array of strings or numbers (a vocabulary, its
+        merges, token types and scores) in one pass that makes one or two views per item and
+        nothing else, the same parts, indices and types as gguf's general path, which makes
+        about ten numpy and enum objects per item (0.5 of the 0.7 s to open SmolLM2's
+        file)."""
+        if raw_type != _ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        parts: list[np.ndarray] = [item_type, count]
+        offs, n = orig_offs + 12, int(count[0])
+        if item_type[0] == _STRING:
+            data, raw = self.data, memoryview(self.data)
+            for _ in range(n):
+                length = int.from_bytes(raw[offs : offs + 8], sys.byteorder)
+                if offs + 8 + length > len(data):
+                    raise ValueError(f"a string at byte {offs} runs past the end of the file")
+                parts += (data[offs : offs + 8].view(np.uint64), data[offs + 8 : offs + 8 + length])
+                offs += 8 + length
+            indices = list(range(3, len(parts), 2))
+        elif int(item_type[0]) in _NUMBERS:
+            values = self._get(offs, _NUMBERS[int(item_type[0])], n)
+            if len(values) != n:
+                raise ValueError(f"an array at byte {offs} runs past the end of the file")
+            parts += (values[i : i + 1] for i in range(n))
+            offs += int(values.nbytes)
+            indices = list(range(2, len(parts)))
+        else:  # arrays of arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        types = [GGUFValueType.ARRAY] + ([GGUFValueType(int(item_type[0]))] if n else [])
+        return offs - orig_offs, parts, indices, types
+
+
+_ARRAY, _STRING = int(GGUFValueType.ARRAY), int(GGUFValueType.STRING)
+_NUMBERS = {int(kind): dtype for kind, dtype in GGUFReader.gguf_scalar_to_np.items()}
 
 
 def open_reader(path: str | os.PathLike) -> GGUFReader:
