@@ -225,6 +225,19 @@ def test_yarn_rope_scaling_is_refused_when_read(tmp_path):
         read_gguf(path)
 
 
+def test_dequantized_in_blocks_as_gguf_dequantizes_whole(smollm2_file):
+    """Every tensor of the real file, dequantised a block of rows at a time, equals
+    ``gguf.quants.dequantize`` of the whole tensor, value for value."""
+    from gguf.quants import dequantize
+
+    from jpeft.hf.gguf import _dequantize, open_reader
+
+    for tensor in open_reader(smollm2_file).tensors:
+        whole = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+        shape = tuple(reversed(tensor.shape.tolist()))
+        np.testing.assert_array_equal(_dequantize(tensor), whole.reshape(shape), tensor.name)
+
+
 def test_open_reader_parses_as_gguf_reader_does(smollm2_file):
     """jpeft's reader (gguf's, over a plain view of the file's memory map) gives every
     header field and every tensor's bytes of the real SmolLM2 file exactly as

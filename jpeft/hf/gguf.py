@@ -267,9 +267,11 @@ def _check_supported(tensor) -> None:
         )
 
 
-_DEQUANTIZE_ROWS = 4096
-"""Rows dequantised at a time: ``gguf.quants.dequantize`` holds several float32-sized
-temporaries, which for a whole embedding table would be hundreds of MB."""
+_DEQUANTIZE_ROWS = 256
+"""Rows dequantised at a time, as one call: ``gguf.quants.dequantize`` holds several
+float32-sized temporaries (hundreds of MB for a whole embedding table), and cuts what it is
+given into groups of 16 rows, each some 15 numpy calls; one flat row of 256 rows is 1.7x
+faster (all of SmolLM2's tensors: 0.46 -> 0.27 s, 2-core AMD EPYC Zen 4), the same values."""
 
 
 def _dequantize(tensor) -> np.ndarray:
@@ -283,7 +285,7 @@ def _dequantize(tensor) -> np.ndarray:
     out = np.empty((data.shape[0], math.prod(shape) // data.shape[0]), np.float32)
     for start in range(0, data.shape[0], _DEQUANTIZE_ROWS):
         rows = out[start : start + _DEQUANTIZE_ROWS]
-        block = data[start : start + _DEQUANTIZE_ROWS]
+        block = data[start : start + _DEQUANTIZE_ROWS].reshape(1, -1)
         rows[...] = dequantize(block, tensor.tensor_type).reshape(rows.shape)
     return out.reshape(shape)
 
