@@ -394,7 +394,9 @@ def _draws(
     """Arrays of `shapes` cut from one `draw(jax.random.split(key)[part], [total])`, each
     divided by ``divisor(shape)`` (an exact float32 quotient)."""
     sizes = [math.prod(s) for s in shapes]
-    flat = np.asarray(_draw(draw, key, part, sum(sizes)))
+    flat = _draw(draw, key, part, sum(sizes))
+    if not isinstance(flat, jax.core.Tracer):  # traced (jax.eval_shape, jit): cut in the trace
+        flat = np.asarray(flat)
     offsets = np.cumsum([0, *sizes])[:-1]
     return [
         jax.device_put(flat[o : o + n].reshape(s) / np.float32(divisor(s)))

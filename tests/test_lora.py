@@ -161,6 +161,26 @@ def test_initialisation_follows_peft():
     assert abs(float(jnp.std(gauss["weight"].a)) - 1 / 8) < 0.01  # std 1/r, not 1/√r
 
 
+def test_apply_traces_to_the_same_factors():
+    """lora.apply under a trace (jax.jit, jax.eval_shape: sharded initialisation, memory
+    planning) gives the factors it gives eagerly (its random draw is cut on the host only
+    when the draw is concrete)."""
+    params = {"model": {"layers": {"self_attn": {
+        "q_proj": {"weight": jnp.ones((2, 16, 16))}, "v_proj": {"weight": jnp.ones((2, 16, 8))},
+    }}}}
+
+    def adapt(p):
+        return lora.apply(p, rank=4, targets=["q_proj", "v_proj"], key=jax.random.key(5),
+                          init_lora_weights=False)
+
+    eager, traced = adapt(params), jax.jit(adapt)(params)
+    shapes = jax.eval_shape(adapt, params)
+    for mine, want, shape in zip(jax.tree.leaves(traced), jax.tree.leaves(eager),
+                                 jax.tree.leaves(shapes), strict=True):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(want), rtol=1e-6)
+        assert mine.shape == shape.shape
+
+
 def test_dropout_only_with_a_key(tiny):
     _, _, model, params = tiny
     targets = ["c_attn"] if tiny[0] == "gpt2" else ["q_proj"]
