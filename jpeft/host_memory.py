@@ -7,8 +7,8 @@ buffers, allocated from another thread, cannot reuse it. ``malloc_trim`` returns
 QLoRA on SmolLM2-135M (4x256 tokens, 2-core AMD EPYC Zen 4) the peak resident memory of
 the first steps went 983 -> 836 MB with a trim after the compile.
 
-:func:`released_after_compiles` trims after every XLA compilation inside it;
-:func:`jpeft.trainer.fit` runs its steps inside it. Elsewhere than glibc it does nothing.
+:func:`released_after_compiles` trims after every XLA compilation inside it (a context or a
+decorator); :func:`jpeft.trainer.fit` runs inside it. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations

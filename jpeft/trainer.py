@@ -153,6 +153,7 @@ class TrainConfig:
         return optax.adamw(schedule, weight_decay=self.weight_decay)
 
 
+@host_memory.released_after_compiles()  # what each compile freed, before its step runs
 def fit(
     model: DecoderLM,
     params: dict,
@@ -245,67 +246,66 @@ def fit(
             )
 
     interrupt = _DeferredInterrupt()
-    with host_memory.released_after_compiles():  # what compiling freed, before each step runs
-        try:
-            while step < total:
-                batch = _next_batch(stream, config.grad_accum)
-                next_rng, step_key = jax.random.split(rng)
-                started = time.perf_counter()
-                new_trainable, new_opt_state, metrics = devices.step(
-                    trainable, frozen, opt_state, batch, step_key
-                )
-                metrics = distributed.to_host(metrics)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    kept = (
-                        "no train state was saved"
-                        if last_saved is None
-                        else f"the train state saved at step {last_saved} in {state_dir} is intact"
-                    )
-                    raise NonFiniteLossError(
-                        f"loss is {loss} at step {step + 1}; {kept} (try a lower learning rate)"
-                    )
-                # The step is committed whole, so that an interrupt saves a consistent state.
-                trainable, opt_state, rng, step = new_trainable, new_opt_state, next_rng, step + 1
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "tokens": int(metrics["tokens"]),
-                    "tokens_per_s": float(metrics["tokens"]) / (time.perf_counter() - started),
-                }
-                if eval_batches and (step % config.eval_every == 0 or step == total):
-                    record["eval_loss"] = _eval_loss(
-                        model, tree.combine(trainable, frozen), eval_batches, devices.replicate
-                    )
-                if writer and (step % config.log_every == 0 or "eval_loss" in record):
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if step % config.save_every == 0 and step < total:
-                    save(step)
-                    last_saved = step
-                if interrupt.pressed:
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            try:
-                if step != last_saved:
-                    save(step)
-            except Exception as err:  # e.g. buffers donated to a step cut short by a 2nd Ctrl-C
-                bar.write(
-                    f"interrupted: the train state at step {step} could not be saved "
-                    f"({err}); the newest saved one is at step {last_saved}"
-                )
-                raise KeyboardInterrupt from None
-            bar.write(
-                f"interrupted: train state saved at step {step} in {state_dir}; "
-                "run again with resume to continue"
+    try:
+        while step < total:
+            batch = _next_batch(stream, config.grad_accum)
+            next_rng, step_key = jax.random.split(rng)
+            started = time.perf_counter()
+            new_trainable, new_opt_state, metrics = devices.step(
+                trainable, frozen, opt_state, batch, step_key
             )
-            raise
-        finally:
-            interrupt.restore()
-            bar.close()
+            metrics = distributed.to_host(metrics)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                kept = (
+                    "no train state was saved"
+                    if last_saved is None
+                    else f"the train state saved at step {last_saved} in {state_dir} is intact"
+                )
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step + 1}; {kept} (try a lower learning rate)"
+                )
+            # The step is committed whole, so that an interrupt saves a consistent state.
+            trainable, opt_state, rng, step = new_trainable, new_opt_state, next_rng, step + 1
+            record = {
+                "step": step,
+                "loss": loss,
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens": int(metrics["tokens"]),
+                "tokens_per_s": float(metrics["tokens"]) / (time.perf_counter() - started),
+            }
+            if eval_batches and (step % config.eval_every == 0 or step == total):
+                record["eval_loss"] = _eval_loss(
+                    model, tree.combine(trainable, frozen), eval_batches, devices.replicate
+                )
+            if writer and (step % config.log_every == 0 or "eval_loss" in record):
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % config.save_every == 0 and step < total:
+                save(step)
+                last_saved = step
+            if interrupt.pressed:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        try:
+            if step != last_saved:
+                save(step)
+        except Exception as err:  # e.g. buffers donated to a step cut short by a 2nd Ctrl-C
+            bar.write(
+                f"interrupted: the train state at step {step} could not be saved "
+                f"({err}); the newest saved one is at step {last_saved}"
+            )
+            raise KeyboardInterrupt from None
+        bar.write(
+            f"interrupted: train state saved at step {step} in {state_dir}; "
+            "run again with resume to continue"
+        )
+        raise
+    finally:
+        interrupt.restore()
+        bar.close()
     if step != last_saved:  # a resumed run that had already finished is saved already
         save(step)
     params = devices.to_host(tree.combine(trainable, frozen))
