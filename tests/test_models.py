@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 import jpeft
 from jpeft import tree
+from jpeft.models import hf_layout
 from jpeft.generation import generate_tokens
 from jpeft.models import KVPrefix
 
@@ -276,6 +277,22 @@ def test_loading_compiles_no_program(tiny, caplog):
         jax.block_until_ready(params)
     compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == []
+
+
+@pytest.mark.parametrize("source_dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("shape", [(517, 1030), (2, 300, 613)])
+def test_to_jax_copies_big_transposed_arrays_exactly(source_dtype, shape):
+    """Big arrays are transposed and converted by a blocked copy on two threads: every
+    value lands where numpy's transpose puts it, with the cast numpy makes (shapes that are
+    not multiples of the 256-row block, an odd split of rows between the threads)."""
+    values = np.random.default_rng(0).normal(size=shape) * 50
+    array = values.astype(jnp.dtype(source_dtype))
+    for transposed in (True, False):
+        leaf = hf_layout.to_jax(array, transposed, jnp.float32)
+        view = np.swapaxes(array, -1, -2) if transposed else array
+        expected = view if source_dtype == "int8" else view.astype(np.float32)
+        assert leaf.dtype == expected.dtype
+        np.testing.assert_array_equal(np.asarray(leaf), expected)
 
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per operation). The tiny
