@@ -15,6 +15,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 
+# The command line keeps compiled programs in ~/.cache (jpeft.compile_cache): not from the
+# tests, which would leave files behind and load programs compiled by an earlier checkout.
+os.environ["JPEFT_COMPILE_CACHE"] = "off"
+
 import jax  # noqa: E402  (after XLA_FLAGS: XLA reads them when the backend starts)
 import pytest
 

@@ -30,6 +30,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jpeft import compile_cache
 from jpeft.cli import bench, convert, generate, inspect, train
 from jpeft.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 
@@ -70,6 +71,13 @@ def build_parser(method: str = train.DEFAULT_METHOD) -> argparse.ArgumentParser:
         action="store_true",
         help="show the full traceback of an error instead of one line (default: off)",
     )
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="keep compiled XLA programs in DIR, so that the next run loads them instead of "
+        f"compiling (default: ${compile_cache.ENV_VARIABLE}, else a folder per jaxlib and CPU "
+        "kind under ~/.cache/jpeft/xla); 'off' compiles everything afresh",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train.add_parser(commands, method)
     generate.add_parser(commands)
@@ -92,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse has printed
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    if args.command != "bench":  # bench's workers are processes of their own
+        compile_cache.enable(args.compile_cache)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
