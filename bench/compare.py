@@ -200,6 +200,14 @@ def build_parser(prog: str = "python -m bench.compare", add_help: bool = True):
         help="tokens per loss chunk (default: causal_lm_loss's)",
     )
     p.add_argument(
+        "--jpeft-compile-cache",
+        default=None,
+        metavar="DIR",
+        help="jpeft's persistent cache of compiled programs (jpeft.compile_cache), as "
+        "`jpeft train` keeps one; a second run with the same DIR starts warm (default: none, "
+        "every program compiled)",
+    )
+    p.add_argument(
         "--qlora-compute",
         default="float32",
         choices=("float32", "bfloat16"),
@@ -256,6 +264,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         "remat": remat,
         "chunk": chunk,
         "qlora_compute": args.qlora_compute,
+        "compile_cache": args.jpeft_compile_cache,
     }
     xla_flags = os.environ.get("XLA_FLAGS", "") if args.xla_flags is None else args.xla_flags
     envs = machine.worker_environments(args.isa, xla_flags)

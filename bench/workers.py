@@ -126,6 +126,10 @@ def run_jpeft(spec: dict) -> dict:
 
     gpu.check_device("jax", spec)
     opts = spec["jpeft"]
+    if opts["compile_cache"]:
+        from jpeft import compile_cache
+
+        compile_cache.enable(opts["compile_cache"])
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[opts["dtype"]]
     result: dict[str, Any] = {
         "framework": "jpeft",
