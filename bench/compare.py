@@ -346,9 +346,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                         runs[label] = r
             dims = next((r["dims"] for r in runs.values() if r.get("ok")), None)
             flops = (
-                roofline.step_flops(
-                    dims, batch, seq, args.rank, None if remat in (None, "none") else remat
-                )
+                roofline.step_flops(dims, batch, seq, args.rank, remat)
                 if dims
                 else None
             )

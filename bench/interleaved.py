@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for weights, activations, remat in args.settings:
         model, params = jpeft.models.from_pretrained(path, dtype=jnp.dtype(weights))
-        model = dataclasses.replace(
-            model, remat=None if remat == "none" else remat, activation_dtype=activations
-        )
+        model = dataclasses.replace(model, remat=remat, activation_dtype=activations)
         params = lora.apply(params, rank=16, alpha=32, targets=list(roofline.LLAMA_LINEARS),
                             lora_dropout=0.0, key=jax.random.key(0))  # fmt: skip
         trainable, frozen = jpeft.split(params)

@@ -36,7 +36,7 @@ def step_flops(dims: dict[str, int], batch: int, seq: int, rank: int, remat: str
       dims: ``layers, hidden, intermediate, heads, kv_heads, head_dim, vocab``.
       batch, seq: the batch shape.
       rank: LoRA rank on all seven linears of every layer.
-      remat: jpeft's remat policy name (None: no recomputation of the layers).
+      remat: jpeft's remat policy name (None or ``"none"``: no recomputation of the layers).
 
     Returns:
       ``{"model": ..., "executed_jpeft": ..., "parts": {...}}`` in FLOPs.
@@ -67,7 +67,7 @@ def step_flops(dims: dict[str, int], batch: int, seq: int, rank: int, remat: str
     # A recomputed forward: the whole layer for nothing_saveable, the non-matmul work only
     # for policies that save dot outputs (counted as zero matmul FLOPs), none without remat.
     layer_fwd = 2 * frozen * tokens + 2 * lora * tokens + attn_fwd
-    if remat is None or remat in ("everything_saveable",):
+    if remat in (None, "none", "everything_saveable"):
         extra = 0
     elif remat in ("dots_saveable", "checkpoint_dots"):
         extra = 0

@@ -147,8 +147,7 @@ def run_jpeft(spec: dict) -> dict:
         )
     else:
         model, params = jpeft.models.from_pretrained(spec["model_path"], dtype=dtype)
-    remat = None if opts["remat"] in (None, "none") else opts["remat"]
-    model = dataclasses.replace(model, remat=remat, activation_dtype=opts["activations"])
+    model = dataclasses.replace(model, remat=opts["remat"], activation_dtype=opts["activations"])
     result["load_s"] = time.perf_counter() - t0
     c = model.config
     result["dims"] = dict(

@@ -348,6 +348,14 @@ def test_model_is_a_static_jit_argument_without_recompiling(tiny):
     assert len(traces) == 3
 
 
+def test_remat_none_is_no_remat_and_unknown_names_fail(tiny):
+    t = tiny("llama")
+    assert dataclasses.replace(t.model, remat="none").remat is None
+    assert dataclasses.replace(t.model, remat="none") == dataclasses.replace(t.model, remat=None)
+    with pytest.raises(ValueError, match="unknown remat policy 'nothing'"):
+        dataclasses.replace(t.model, remat="nothing")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_remat_policies_change_memory_not_gradients(tiny, family):
     """Every layer remat policy gives the LoRA gradients of no remat at all (up to float32

@@ -231,9 +231,8 @@ def _initialize_distributed(flags: DistributedOptions) -> None:
 
 def _with_model_options(model: Any, output: OutputOptions) -> Any:
     """`model` with ``--remat`` and ``--activations``; a usage error for an unknown policy."""
-    remat = None if output.remat == "none" else output.remat
     try:
-        return dataclasses.replace(model, remat=remat, activation_dtype=output.activations)
+        return dataclasses.replace(model, remat=output.remat, activation_dtype=output.activations)
     except ValueError as err:
         raise UsageError(f"--remat: {err}") from None
 

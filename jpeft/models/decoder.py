@@ -111,8 +111,8 @@ class DecoderLM(abc.ABC):
     Attributes:
       config: the model's frozen config dataclass (HF field names).
       remat: the layer remat policy: a name of :data:`SAVED_ACTIVATIONS` or of
-        :mod:`jax.checkpoint_policies`, or None (keep every activation: fastest, and the
-        most memory). The default, ``nothing_saveable``, keeps only each layer's input.
+        :mod:`jax.checkpoint_policies`, or None (also spelled ``"none"``: keep every
+        activation, fastest, and the most memory). The default, ``nothing_saveable``, keeps only each layer's input.
       activation_dtype: the dtype of the residual stream and of everything computed between
         the products (norms, RoPE, attention, the loss's logits), or None for the embedding
         table's. ``"float32"`` over a bfloat16 frozen base keeps every activation in float32
@@ -144,6 +144,8 @@ class DecoderLM(abc.ABC):
     """Regexes of checkpoint buffers that are not parameters (e.g. rotary inv_freq)."""
 
     def __post_init__(self):
+        if self.remat == "none":  # the command line's and config files' word for None
+            object.__setattr__(self, "remat", None)
         if self.remat is not None:
             remat_policy(self.remat)  # fails now, naming the policies, not when traced
         if self.activation_dtype is not None:
